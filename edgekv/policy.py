@@ -1,0 +1,179 @@
+"""The cache policy and its exact byte accounting (DESIGN.md "The cache policy").
+
+Per layer and KV head the cache is [sinks S fp16][ring W tokens, b-bit][residual B fp16].
+Every tensor a backend allocates is listed by `layer_tensors`; bytes are computed from
+the policy alone, so what is reported is what is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from edgekv.errors import PolicyError
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+PositionMode = Literal["cache", "original"]
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a model contributes to the cache's shape."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+    @property
+    def nbytes(self) -> int:
+        itemsize = {"float16": 2, "uint8": 1, "float32": 4}[self.dtype]
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * itemsize
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """sinks S, window W (None: never evict), block B (= fp16 residual length),
+    value group G, code width per layer for keys and values, position mode."""
+
+    bits_k: tuple[int, ...]
+    bits_v: tuple[int, ...]
+    sinks: int = 4
+    window: int | None = 1024
+    block: int = 32
+    group: int = 32
+    positions: PositionMode = "cache"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
+        object.__setattr__(self, "bits_v", tuple(int(b) for b in self.bits_v))
+        self._validate()
+
+    @classmethod
+    def uniform(cls, num_layers: int, bits: int = 3, bits_k: int | None = None,
+                bits_v: int | None = None, **kw) -> "CachePolicy":
+        bk = bits if bits_k is None else bits_k
+        bv = bits if bits_v is None else bits_v
+        return cls(bits_k=(bk,) * num_layers, bits_v=(bv,) * num_layers, **kw)
+
+    def with_(self, **kw) -> "CachePolicy":
+        return replace(self, **kw)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.bits_k)
+
+    @property
+    def ring_blocks(self) -> int | None:
+        return None if self.window is None else self.window // self.block
+
+    def _validate(self) -> None:
+        if not self.bits_k or len(self.bits_k) != len(self.bits_v):
+            raise PolicyError(f"bits_k and bits_v need one entry per layer "
+                              f"(got {len(self.bits_k)} and {len(self.bits_v)})")
+        for side, bits in (("keys", self.bits_k), ("values", self.bits_v)):
+            bad = sorted({b for b in bits if b not in SUPPORTED_BITS})
+            if bad:
+                raise PolicyError(f"bits for {side} must be one of {SUPPORTED_BITS}, got {bad}")
+        if self.block < 8 or self.block % 8:
+            raise PolicyError(f"block must be a positive multiple of 8 (so packed blocks end "
+                              f"on a byte boundary), got {self.block}")
+        if self.group < 8 or self.group % 8:
+            raise PolicyError(f"group must be a positive multiple of 8, got {self.group}")
+        if self.sinks < 0:
+            raise PolicyError(f"sinks must be >= 0, got {self.sinks}")
+        if self.window is not None:
+            if self.window < self.block or self.window % self.block:
+                raise PolicyError(f"window must be a positive multiple of block {self.block} "
+                                  f"(the ring evicts whole blocks), got {self.window}")
+        if self.positions not in ("cache", "original"):
+            raise PolicyError(f"positions must be 'cache' or 'original', got {self.positions!r}")
+
+    def check_shape(self, shape: KVShape) -> None:
+        """Errors for a policy that does not fit a model's cache shape."""
+        if shape.num_layers != self.num_layers:
+            raise PolicyError(f"policy has bits for {self.num_layers} layers, model has {shape.num_layers}")
+        if shape.head_dim % self.group or shape.head_dim % 8:
+            raise PolicyError(f"group {self.group} must divide head_dim {shape.head_dim}")
+
+    # ---- byte accounting -------------------------------------------------------------
+    def ring_capacity(self, context: int | None = None) -> int:
+        """Ring tokens: the window, or for a never-evicting cache enough whole blocks
+        to hold `context` tokens."""
+        if self.window is not None:
+            return self.window
+        if context is None:
+            raise PolicyError("a cache without a window needs a context length to size it")
+        past_sinks = max(0, context - self.sinks)
+        return -(-past_sinks // self.block) * self.block
+
+    def layer_tensors(self, shape: KVShape, layer: int, context: int | None = None,
+                      batch: int = 1) -> list[TensorSpec]:
+        """Every buffer of one layer's cache, as a backend allocates it."""
+        h, d, b, g = shape.num_kv_heads, shape.head_dim, self.block, self.group
+        w = self.ring_capacity(context)
+        nblk = w // b
+        bk, bv = self.bits_k[layer], self.bits_v[layer]
+        pre = (batch, h)
+        t = [TensorSpec("sink_k", (*pre, self.sinks, d), "float16"),
+             TensorSpec("sink_v", (*pre, self.sinks, d), "float16"),
+             TensorSpec("residual_k", (*pre, b, d), "float16"),
+             TensorSpec("residual_v", (*pre, b, d), "float16")]
+        if bk == 16:
+            t.append(TensorSpec("ring_k", (*pre, nblk, b, d), "float16"))
+        else:
+            t += [TensorSpec("ring_k_codes", (*pre, nblk, d, b * bk // 8), "uint8"),
+                  TensorSpec("ring_k_scale", (*pre, nblk, d), "float16"),
+                  TensorSpec("ring_k_zero", (*pre, nblk, d), "float16")]
+        if bv == 16:
+            t.append(TensorSpec("ring_v", (*pre, w, d), "float16"))
+        else:
+            t += [TensorSpec("ring_v_codes", (*pre, w, d * bv // 8), "uint8"),
+                  TensorSpec("ring_v_scale", (*pre, w, d // g), "float16"),
+                  TensorSpec("ring_v_zero", (*pre, w, d // g), "float16")]
+        return t
+
+    def layer_bytes(self, shape: KVShape, layer: int, context: int | None = None) -> int:
+        return sum(t.nbytes for t in self.layer_tensors(shape, layer, context))
+
+    def total_bytes(self, shape: KVShape, context: int | None = None) -> int:
+        self.check_shape(shape)
+        return sum(self.layer_bytes(shape, i, context) for i in range(self.num_layers))
+
+    def fp16_equivalent(self) -> "CachePolicy":
+        """The same geometry with an unquantized fp16 ring: the baseline for ratios."""
+        n = self.num_layers
+        return replace(self, bits_k=(16,) * n, bits_v=(16,) * n)
+
+    def fp16_ratio(self, shape: KVShape, context: int | None = None) -> float:
+        return self.total_bytes(shape, context) / self.fp16_equivalent().total_bytes(shape, context)
+
+    def ring_bytes_per_token(self, shape: KVShape) -> float:
+        """Marginal bytes one more window token costs across all layers, metadata included."""
+        h, d = shape.num_kv_heads, shape.head_dim
+        total = 0.0
+        for bk, bv in zip(self.bits_k, self.bits_v):
+            total += h * d * 2 if bk == 16 else h * d * (bk / 8 + 4 / self.block)
+            total += h * d * 2 if bv == 16 else h * d * (bv / 8 + 4 / self.group)
+        return total
+
+    def average_bits(self) -> float:
+        """Mean code width over K and V of all layers (metadata excluded)."""
+        bits = self.bits_k + self.bits_v
+        return sum(bits) / len(bits)
+
+    def describe(self) -> str:
+        ks, vs = sorted(set(self.bits_k)), sorted(set(self.bits_v))
+        k = str(ks[0]) if len(ks) == 1 else "mixed"
+        v = str(vs[0]) if len(vs) == 1 else "mixed"
+        w = "inf" if self.window is None else str(self.window)
+        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}"

@@ -1,0 +1,88 @@
+"""Asymmetric min/max quantization of cache blocks, numpy reference.
+
+Keys: per channel over a block of B tokens (KIVI/KVQuant): x[..., B, D] -> codes packed
+along the token axis, one (scale, zero) per channel.
+Values: per token in groups of G channels: x[..., T, D] -> codes packed along head_dim,
+one (scale, zero) per group.
+
+Scale and zero are stored in fp16 and the codes are computed *with the stored fp16
+values* (round half to even, then clip), so every backend that follows these steps in
+fp32 arithmetic gets the same codes. The error of a dequantized element is at most
+scale/2 plus the fp16 rounding of zero and scale (see `error_bound`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from edgekv.packing import pack, unpack
+
+FP16_REL_EPS = 2.0**-11  # relative rounding error of float16
+
+
+class Quantized(NamedTuple):
+    codes: np.ndarray  # uint8, packed along the quantized axis
+    scale: np.ndarray  # float16
+    zero: np.ndarray  # float16
+
+
+def _scale_zero(mn: np.ndarray, mx: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    levels = (1 << bits) - 1
+    scale = ((mx - mn) / levels).astype(np.float16)
+    zero = mn.astype(np.float16)
+    return scale, zero
+
+
+def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    s = scale.astype(np.float32)
+    z = zero.astype(np.float32)
+    safe = np.where(s > 0, s, np.float32(1.0))
+    q = np.round((x - z) / safe)
+    q = np.where(s > 0, q, 0.0)
+    return np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
+
+
+def quantize_keys(block: np.ndarray, bits: int) -> Quantized:
+    """Keys block [..., B, D] fp -> codes [..., D, B*bits/8], scale/zero [..., D]."""
+    x = np.asarray(block, dtype=np.float32)
+    scale, zero = _scale_zero(x.min(axis=-2), x.max(axis=-2), bits)
+    codes = _codes(x, scale[..., None, :], zero[..., None, :], bits)
+    return Quantized(pack(np.swapaxes(codes, -1, -2), bits), scale, zero)
+
+
+def dequantize_keys(q: Quantized, bits: int, block: int) -> np.ndarray:
+    """Inverse of `quantize_keys`: [..., B, D] float32."""
+    codes = unpack(q.codes, bits, block).astype(np.float32)  # [..., D, B]
+    x = codes * q.scale.astype(np.float32)[..., None] + q.zero.astype(np.float32)[..., None]
+    return np.swapaxes(x, -1, -2)
+
+
+def quantize_values(x: np.ndarray, bits: int, group: int) -> Quantized:
+    """Values [..., T, D] -> codes [..., T, D*bits/8], scale/zero [..., T, D/G]."""
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    if d % group:
+        raise ValueError(f"head_dim {d} is not a multiple of group {group}")
+    g = x.reshape(*x.shape[:-1], d // group, group)
+    scale, zero = _scale_zero(g.min(axis=-1), g.max(axis=-1), bits)
+    codes = _codes(g, scale[..., None], zero[..., None], bits).reshape(x.shape)
+    return Quantized(pack(codes, bits), scale, zero)
+
+
+def dequantize_values(q: Quantized, bits: int, group: int, head_dim: int) -> np.ndarray:
+    """Inverse of `quantize_values`: [..., T, D] float32."""
+    codes = unpack(q.codes, bits, head_dim).astype(np.float32)
+    g = codes.reshape(*codes.shape[:-1], head_dim // group, group)
+    x = g * q.scale.astype(np.float32)[..., None] + q.zero.astype(np.float32)[..., None]
+    return x.reshape(codes.shape)
+
+
+def error_bound(mn: np.ndarray, mx: np.ndarray, bits: int) -> np.ndarray:
+    """Largest |x - dequant(x)| for a group with range [mn, mx]: half a step, plus what
+    rounding zero and scale to fp16 can shift the grid (zero by eps*|mn|, the top of
+    the grid by eps*(mx - mn)), plus fp32 slack."""
+    span = mx - mn
+    scale = span / ((1 << bits) - 1)
+    return scale * (0.5 + FP16_REL_EPS) + FP16_REL_EPS * (np.abs(mn) + span) + 1e-6 * (np.abs(mn) + np.abs(mx))

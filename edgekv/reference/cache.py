@@ -1,0 +1,187 @@
+"""The compressed KV cache in PyTorch: preallocated buffers, counters, one write per step.
+
+Layout per layer (batch N, KV heads H, head_dim D), as `CachePolicy.layer_tensors` lists:
+sinks [N,H,S,D] fp16, residual [N,H,B,D] fp16, and a ring of W/B blocks: keys packed per
+channel over each block, values packed per token in groups of G (or fp16 at 16 bits).
+Keys are stored pre-RoPE; `view` returns them with the positions RoPE must use.
+
+Counters are shared by all layers: a forward appends the same tokens to every layer,
+then calls `commit`. A block is quantized the moment the residual fills, so attention
+always sees the residual in fp16 and the ring quantized, exactly as token-by-token
+decoding would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekv.policy import CachePolicy, KVShape
+from edgekv.reference import quant_torch as qt
+
+_TORCH_DTYPES = {"float16": torch.float16, "uint8": torch.uint8}
+
+
+class CompressedKVCache:
+    def __init__(self, policy: CachePolicy, shape: KVShape, batch: int = 1,
+                 context: int | None = None) -> None:
+        policy.check_shape(shape)
+        self.policy, self.shape, self.batch = policy, shape, batch
+        # A window-less cache starts at `context` tokens (or one block) and grows.
+        self._context = context if policy.window is not None else max(context or 0, policy.sinks + policy.block)
+        self.layers = [self._allocate(i) for i in range(shape.num_layers)]
+        self.n_sink = 0
+        self.n_res = 0
+        self.blocks_pushed = 0
+
+    def _allocate(self, layer: int, context: int | None = None) -> dict[str, torch.Tensor]:
+        specs = self.policy.layer_tensors(self.shape, layer, context or self._context, self.batch)
+        return {t.name: torch.zeros(t.shape, dtype=_TORCH_DTYPES[t.dtype]) for t in specs}
+
+    # ---- sizes and counters ---------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held by the buffers (the test compares it with the policy)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    @property
+    def ring_slots(self) -> int:
+        return self._slots(0)
+
+    def _slots(self, layer: int) -> int:
+        c = self.layers[layer]
+        return c["ring_v" if "ring_v" in c else "ring_v_codes"].shape[2] // self.policy.block
+
+    @property
+    def ring_filled(self) -> int:
+        return min(self.blocks_pushed, self.ring_slots)
+
+    @property
+    def seen(self) -> int:
+        """Tokens ever appended (the next token's original position)."""
+        return self.n_sink + self.blocks_pushed * self.policy.block + self.n_res
+
+    @property
+    def length(self) -> int:
+        """Tokens attention can see in the cache now."""
+        return self.n_sink + self.ring_filled * self.policy.block + self.n_res
+
+    def room(self) -> int:
+        """Tokens that can be appended before the next sink->residual or block boundary."""
+        if self.n_sink < self.policy.sinks:
+            return self.policy.sinks - self.n_sink
+        return self.policy.block - self.n_res
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            for t in layer.values():
+                t.zero_()
+        self.n_sink = self.n_res = self.blocks_pushed = 0
+
+    # ---- reading -----------------------------------------------------------------------
+    def _ring_order(self) -> list[int]:
+        filled, slots = self.ring_filled, self.ring_slots
+        oldest = (self.blocks_pushed - filled) % slots if slots else 0
+        return [(oldest + i) % slots for i in range(filled)]
+
+    def cache_positions(self) -> torch.Tensor:
+        """RoPE positions of the cached tokens, in the order `view` returns them."""
+        if self.policy.positions == "cache":
+            return torch.arange(self.length)
+        p, b = self.policy, self.policy.block
+        first = self.blocks_pushed - self.ring_filled
+        ring = [p.sinks + (first + j) * b + torch.arange(b) for j in range(self.ring_filled)]
+        res = p.sinks + self.blocks_pushed * b + torch.arange(self.n_res)
+        return torch.cat([torch.arange(self.n_sink), *ring, res])
+
+    def new_positions(self, n: int) -> torch.Tensor:
+        start = self.length if self.policy.positions == "cache" else self.seen
+        return start + torch.arange(n)
+
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized pre-RoPE keys and values [N,H,L,D] float32 in cache order."""
+        c, p = self.layers[layer], self.policy
+        bk, bv = p.bits_k[layer], p.bits_v[layer]
+        order = self._ring_order()
+        n, h, d, b = self.batch, self.shape.num_kv_heads, self.shape.head_dim, p.block
+        idx = torch.tensor(order, dtype=torch.long)
+        if bk == 16:
+            ring_k = c["ring_k"][:, :, idx].float()
+        else:
+            ring_k = qt.dequantize_keys(c["ring_k_codes"][:, :, idx], c["ring_k_scale"][:, :, idx],
+                                        c["ring_k_zero"][:, :, idx], bk, b)
+        ring_k = ring_k.reshape(n, h, len(order) * b, d)
+        tok = (idx[:, None] * b + torch.arange(b)).reshape(-1)
+        if bv == 16:
+            ring_v = c["ring_v"][:, :, tok].float()
+        else:
+            ring_v = qt.dequantize_values(c["ring_v_codes"][:, :, tok], c["ring_v_scale"][:, :, tok],
+                                          c["ring_v_zero"][:, :, tok], bv, p.group, d)
+        k = torch.cat([c["sink_k"][:, :, :self.n_sink].float(), ring_k,
+                       c["residual_k"][:, :, :self.n_res].float()], dim=2)
+        v = torch.cat([c["sink_v"][:, :, :self.n_sink].float(), ring_v,
+                       c["residual_v"][:, :, :self.n_res].float()], dim=2)
+        return k, v
+
+    # ---- writing -----------------------------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write new pre-RoPE K/V [N,H,T,D] (T <= room()) into this layer; quantize and push
+        the residual into the ring if it fills. Counters move in `commit`."""
+        t = k.shape[2]
+        if t > self.room():
+            raise ValueError(f"append of {t} tokens crosses a block boundary (room {self.room()})")
+        c, p = self.layers[layer], self.policy
+        k16, v16 = k.to(torch.float16), v.to(torch.float16)
+        if self.n_sink < p.sinks:
+            c["sink_k"][:, :, self.n_sink:self.n_sink + t] = k16
+            c["sink_v"][:, :, self.n_sink:self.n_sink + t] = v16
+            return
+        c["residual_k"][:, :, self.n_res:self.n_res + t] = k16
+        c["residual_v"][:, :, self.n_res:self.n_res + t] = v16
+        if self.n_res + t == p.block:
+            self._push_block(layer)
+
+    def _push_block(self, layer: int) -> None:
+        c, p = self.layers[layer], self.policy
+        if p.window is None and self.blocks_pushed >= self._slots(layer):
+            self._grow(layer)
+            c = self.layers[layer]
+        # With a window, a full ring's next slot holds the oldest block: it is evicted.
+        slot = self.blocks_pushed % self._slots(layer)
+        b = p.block
+        bk, bv = p.bits_k[layer], p.bits_v[layer]
+        rk, rv = c["residual_k"], c["residual_v"]
+        if bk == 16:
+            c["ring_k"][:, :, slot] = rk
+        else:
+            codes, scale, zero = qt.quantize_keys(rk, bk)
+            c["ring_k_codes"][:, :, slot], c["ring_k_scale"][:, :, slot], c["ring_k_zero"][:, :, slot] = codes, scale, zero
+        toks = slice(slot * b, (slot + 1) * b)
+        if bv == 16:
+            c["ring_v"][:, :, toks] = rv
+        else:
+            codes, scale, zero = qt.quantize_values(rv, bv, p.group)
+            c["ring_v_codes"][:, :, toks], c["ring_v_scale"][:, :, toks], c["ring_v_zero"][:, :, toks] = codes, scale, zero
+
+    def _grow(self, layer: int) -> None:
+        """Window-less cache only: double the ring (a reference convenience; a device
+        backend sizes it once from the context it is given)."""
+        old = self.layers[layer]
+        new_ctx = self.policy.sinks + 2 * max(self._slots(layer), 1) * self.policy.block
+        new = self._allocate(layer, new_ctx)
+        for name, t in old.items():
+            if name.startswith("ring"):
+                axis = 2
+                new[name].narrow(axis, 0, t.shape[axis]).copy_(t)
+            else:
+                new[name].copy_(t)
+        self.layers[layer] = new
+
+    def commit(self, t: int) -> None:
+        """Advance the counters after every layer appended the same `t` tokens."""
+        if self.n_sink < self.policy.sinks:
+            self.n_sink += t
+            return
+        self.n_res += t
+        if self.n_res == self.policy.block:
+            self.n_res = 0
+            self.blocks_pushed += 1

@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgekv import __version__
+from edgekv.cli import main
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "edgekv.cli", *args], capture_output=True, text=True)
+
+
+def test_help_and_version():
+    r = _run("--help")
+    assert r.returncode == 0 and "eval" in r.stdout
+    r = _run("--version")
+    assert r.returncode == 0 and __version__ in r.stdout
+    r = _run("eval", "--help")
+    assert r.returncode == 0 and "--window" in r.stdout and "default: 1024" in r.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval", "/no/such/model"], "does not exist"),
+    (["eval", "default", "--bits", "5"], "bits for keys must be one of"),
+    (["eval", "default", "--window", "1000"], "multiple of block"),
+    (["eval", "default", "--text", "/no/such.txt"], "text file"),
+])
+def test_bad_input_is_one_clear_line(args, msg, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model):
+    """End to end through the CLI on a tiny model with a character-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab | {"[UNK]": 95}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
+    tiny_model.save_pretrained(tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tmp_path), "--bits", "4,2", "--window", "64", "--block", "8",
+                 "--group", "8", "--text", str(text), "--max-tokens", "300", "--sequences", "2",
+                 "--passkey-lengths", "", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64", "2-bit W64"]
+    assert rows[0]["delta_pct"] == 0.0 and rows[2]["fp16_ratio"] < rows[1]["fp16_ratio"] < 1.0
+    assert all(r["ppl"] > 1.0 for r in rows)

@@ -1,0 +1,56 @@
+import pytest
+
+from edgekv.errors import PolicyError
+from edgekv.policy import CachePolicy, KVShape
+
+SHAPE = KVShape(num_layers=30, num_kv_heads=3, head_dim=64)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(bits=5), "bits for keys"),
+    (dict(bits=3, window=1000), "multiple of block"),
+    (dict(bits=3, block=12), "multiple of 8"),
+    (dict(bits=3, group=0), "group"),
+    (dict(bits=3, sinks=-1), "sinks"),
+    (dict(bits=3, positions="absolute"), "positions"),
+])
+def test_bad_policies_give_clear_errors(kw, msg):
+    with pytest.raises(PolicyError, match=msg):
+        CachePolicy.uniform(30, **kw)
+
+
+def test_mismatched_model_is_refused():
+    with pytest.raises(PolicyError, match="layers"):
+        CachePolicy.uniform(2, 3).total_bytes(SHAPE)
+    with pytest.raises(PolicyError, match="head_dim"):
+        CachePolicy.uniform(30, 3, group=48).total_bytes(SHAPE)
+
+
+def test_bytes_by_hand_for_3_bits():
+    p = CachePolicy.uniform(30, 3, window=1024, sinks=4, block=32, group=32)
+    h, d = 3, 64
+    fp16 = (4 + 32) * h * d * 2 * 2  # sinks + residual, K and V
+    k = h * 1024 * d * 3 // 8 + 2 * h * (1024 // 32) * d * 2  # codes + scale/zero per channel per block
+    v = h * 1024 * d * 3 // 8 + 2 * h * 1024 * (d // 32) * 2  # codes + scale/zero per group per token
+    assert p.layer_bytes(SHAPE, 0) == fp16 + k + v
+    assert p.total_bytes(SHAPE) == 30 * (fp16 + k + v)
+    # One more window token: 3/8 byte per element + 4 bytes of metadata per 32 elements, K and V.
+    assert p.ring_bytes_per_token(SHAPE) == 30 * 2 * h * d * (3 / 8 + 4 / 32)
+    # fp16 sinks + residual (36 tokens x 2 B) + ring 1024 x 0.5 B, over 1060 tokens x 2 B.
+    assert p.fp16_ratio(SHAPE) == pytest.approx((36 * 2 + 1024 * 0.5) / (1060 * 2))
+
+
+def test_mixed_bits_and_16_bit_layers():
+    p = CachePolicy(bits_k=(16, 4) + (3,) * 28, bits_v=(2, 8) + (3,) * 28)
+    names = [t.name for t in p.layer_tensors(SHAPE, 0)]
+    assert "ring_k" in names and "ring_v_codes" in names
+    assert p.layer_bytes(SHAPE, 0) != p.layer_bytes(SHAPE, 1)
+    assert p.average_bits() == pytest.approx((16 + 4 + 2 + 8 + 56 * 3) / 60)
+
+
+def test_windowless_cache_is_sized_by_context():
+    p = CachePolicy.uniform(30, 16, window=None)
+    with pytest.raises(PolicyError, match="context"):
+        p.total_bytes(SHAPE)
+    # 4 sinks + ceil(96 / 32) blocks of ring + one residual block.
+    assert p.total_bytes(SHAPE, context=100) == 30 * 2 * 3 * 64 * 2 * (4 + 96 + 32)

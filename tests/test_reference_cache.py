@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from edgekv import quant
+from edgekv.policy import CachePolicy, KVShape
+from edgekv.reference.cache import CompressedKVCache
+
+SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=16)
+
+
+def _feed(cache, kv, step):
+    """Append kv [N,H,T,D] in steps that never cross a boundary; return tokens fed."""
+    t = 0
+    while t < kv.shape[2]:
+        n = min(step, cache.room(), kv.shape[2] - t)
+        for layer in range(SHAPE.num_layers):
+            cache.append(layer, kv[:, :, t:t + n], kv[:, :, t:t + n] * -1)
+        cache.commit(n)
+        t += n
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+def test_bytes_reported_equal_bytes_allocated(bits):
+    p = CachePolicy.uniform(2, bits, window=64, sinks=4, block=8, group=8)
+    assert CompressedKVCache(p, SHAPE, batch=1).nbytes == p.total_bytes(SHAPE)
+    assert CompressedKVCache(p, SHAPE, batch=3).nbytes == 3 * p.total_bytes(SHAPE)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 16])
+@pytest.mark.parametrize("step", [1, 5, 8])
+def test_eviction_keeps_sinks_and_newest_tokens(bits, step):
+    p = CachePolicy.uniform(2, bits, window=32, sinks=4, block=8, group=8)
+    cache = CompressedKVCache(p, SHAPE)
+    total = 4 + 8 * 9 + 5  # 9 blocks pushed into a 4-block ring, 5 tokens in the residual
+    kv = torch.randn(1, 2, total, 16).to(torch.float16).float()
+    _feed(cache, kv, step)
+    assert cache.length == 4 + 32 + 5 and cache.seen == total
+    k, v = cache.view(1)
+    # Sinks and residual are exact fp16; the ring holds the 4 newest complete blocks.
+    torch.testing.assert_close(k[:, :, :4], kv[:, :, :4], rtol=0, atol=0)
+    torch.testing.assert_close(k[:, :, -5:], kv[:, :, -5:], rtol=0, atol=0)
+    ring_src = kv[:, :, total - 5 - 32: total - 5]
+    if bits == 16:
+        torch.testing.assert_close(k[:, :, 4:36], ring_src, rtol=0, atol=0)
+    else:
+        expect = quant.dequantize_keys(quant.quantize_keys(
+            ring_src.numpy().reshape(1, 2, 4, 8, 16), bits), bits, 8).reshape(1, 2, 32, 16)
+        np.testing.assert_allclose(k[:, :, 4:36].numpy(), expect, atol=1e-6)
+    # Values were written as -kv; their error stays within the quantization bound.
+    assert (v[:, :, 4:36] + ring_src).abs().max() < (2.0 if bits == 2 else 0.8)
+    assert cache.cache_positions().tolist() == list(range(41))
+    assert cache.new_positions(2).tolist() == [41, 42]
+
+
+def test_original_positions_follow_the_evicted_stream():
+    p = CachePolicy.uniform(2, 4, window=16, sinks=2, block=8, group=8, positions="original")
+    cache = CompressedKVCache(p, SHAPE)
+    _feed(cache, torch.randn(1, 2, 2 + 8 * 5 + 3, 16), 8)
+    pos = cache.cache_positions().tolist()
+    assert pos == [0, 1] + list(range(2 + 24, 2 + 40)) + [42, 43, 44]
+    assert cache.new_positions(1).tolist() == [45]
+
+
+def test_append_across_a_boundary_is_refused():
+    p = CachePolicy.uniform(2, 4, window=16, sinks=2, block=8, group=8)
+    cache = CompressedKVCache(p, SHAPE)
+    with pytest.raises(ValueError, match="boundary"):
+        cache.append(0, torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+
+
+def test_windowless_cache_grows_and_keeps_everything():
+    p = CachePolicy.uniform(2, 16, window=None, sinks=4, block=8, group=8)
+    cache = CompressedKVCache(p, SHAPE)
+    kv = torch.randn(1, 2, 100, 16).to(torch.float16).float()
+    _feed(cache, kv, 7)
+    k, _ = cache.view(0)
+    torch.testing.assert_close(k, kv, rtol=0, atol=0)
