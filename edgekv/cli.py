@@ -49,14 +49,7 @@ def _add_eval(sub) -> None:
                    help="code widths to evaluate, comma-separated, from 2,3,4,8,16 (K and V alike)")
     p.add_argument("--bits-k", type=int, help="add one setting with this key width ...")
     p.add_argument("--bits-v", type=int, help="... and this value width")
-    p.add_argument("--window", type=_window, default=1024,
-                   help="ring capacity in tokens (a multiple of --block); 'none' never evicts")
-    p.add_argument("--sinks", type=int, default=4, help="first tokens kept in fp16 forever")
-    p.add_argument("--block", type=int, default=32, help="tokens per quantized key block "
-                                                         "(also the fp16 residual length)")
-    p.add_argument("--group", type=int, default=32, help="channels per value quantization group")
-    p.add_argument("--positions", choices=["cache", "original"], default="cache",
-                   help="RoPE positions: inside the cache (StreamingLLM) or the original ones")
+    _add_policy_args(p)
     p.add_argument("--full-cache", action="store_true",
                    help="also evaluate an fp16 cache that never evicts (the cost of eviction)")
     p.add_argument("--text", help="UTF-8 text file to evaluate (default: the shipped Jargon File slice)")
@@ -99,6 +92,109 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _layer_bits(s: str) -> list[tuple[int, int]]:
+    """'4:2,4:2,8:4' -> [(4, 2), (4, 2), (8, 4)]: keys:values per layer."""
+    try:
+        return [tuple(int(x) for x in item.split(":")) for item in s.split(",")]  # type: ignore[misc]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:V pairs per layer like '4:2,8:4', got {s!r}") from None
+
+
+def _add_policy_args(p) -> None:
+    p.add_argument("--window", type=_window, default=1024,
+                   help="ring capacity in tokens (a multiple of --block); 'none' never evicts")
+    p.add_argument("--sinks", type=int, default=4, help="first tokens kept in fp16 forever")
+    p.add_argument("--block", type=int, default=32, help="tokens per quantized key block "
+                                                         "(also the fp16 residual length)")
+    p.add_argument("--group", type=int, default=32, help="channels per value quantization group")
+    p.add_argument("--positions", choices=["cache", "original"], default="cache",
+                   help="RoPE positions: inside the cache (StreamingLLM) or the original ones")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="trace a model with the compressed cache into an ONNX bundle",
+        description="Export MODEL into a portable bundle directory: decode.onnx (one token), "
+                    "prefill.onnx (a chunk of tokens), pack.onnx (quantize a full block), "
+                    "weights, tokenizer and manifest.json. The compressed attention is an ONNX "
+                    "function in the 'edgekv' domain made of standard ops, so plain onnxruntime "
+                    "runs the bundle as it is.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'default'")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--bits", type=int, default=3,
+                   help="code width for keys and values in every layer: 2, 3, 4, 8 or 16 "
+                        "(uniform until calibrated mixed precision lands)")
+    p.add_argument("--bits-k", type=int, help="key width in every layer (overrides --bits)")
+    p.add_argument("--bits-v", type=int, help="value width in every layer (overrides --bits)")
+    p.add_argument("--layer-bits", type=_layer_bits,
+                   help="per-layer K:V widths, one pair per layer, e.g. '8:4,4:2,...'")
+    _add_policy_args(p)
+    p.add_argument("--prefill-chunk", type=int, default=32,
+                   help="tokens per prefill.onnx call; must divide --block")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="weights on disk (fp16 halves the bundle; compute stays fp32)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset of the default domain")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_run_export)
+
+
+def _export_policy(args, num_layers: int):
+    from edgekv.policy import CachePolicy
+
+    common = dict(window=args.window, sinks=args.sinks, block=args.block, group=args.group,
+                  positions=args.positions)
+    if args.layer_bits:
+        if len(args.layer_bits) != num_layers or any(len(x) != 2 for x in args.layer_bits):
+            raise EdgekvError(f"--layer-bits needs {num_layers} K:V pairs (one per layer), "
+                              f"got {len(args.layer_bits)}")
+        return CachePolicy(bits_k=[k for k, _ in args.layer_bits],
+                           bits_v=[v for _, v in args.layer_bits], **common)
+    return CachePolicy.uniform(num_layers, args.bits, bits_k=args.bits_k, bits_v=args.bits_v, **common)
+
+
+def _run_export(args) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgekv.export.bundle import ExportOptions, bundle_size, check_output_path
+
+    out = Path(args.output)
+    check_output_path(out, args.force)
+    _export_policy(args, 1 if not args.layer_bits else len(args.layer_bits))  # fail fast
+    if args.prefill_chunk < 1 or args.block % args.prefill_chunk:
+        raise EdgekvError(f"--prefill-chunk {args.prefill_chunk} must divide --block {args.block} "
+                          f"(prefill chunks never straddle a block boundary)")
+    if args.window is None:
+        raise EdgekvError("a bundle needs a finite --window (a device allocates the cache once)")
+    t0 = time.perf_counter()
+    console = Console(stderr=True)
+    steps = ["loading model", "tracing decode graph", "tracing prefill graph", "writing weights",
+             "checking graphs", "writing tokenizer and manifest"]
+    with Progress(TextColumn("[bold]export"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(steps[0], total=len(steps))
+
+        def step(desc: str) -> None:
+            bar.update(task, advance=1, description=desc)
+
+        from edgekv.export.bundle import write_bundle
+        from edgekv.export.model_loading import load_model
+
+        loaded = load_model(args.model)
+        policy = _export_policy(args, loaded.model.config.num_hidden_layers)
+        options = ExportOptions(args.prefill_chunk, args.dtype, args.opset)
+        manifest = write_bundle(loaded, policy, out, options, force=args.force, step=step)
+        bar.update(task, completed=len(steps), description="done")
+    cache = manifest["cache"]
+    print(f"exported {args.model} -> {out} in {time.perf_counter() - t0:.1f} s: "
+          f"bundle {bundle_size(out) / 2**20:.1f} MiB, KV cache {cache['total_bytes'] / 2**20:.2f} MiB "
+          f"at window {args.window} ({cache['fp16_ratio']:.3f}x fp16), policy {policy.describe()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgekv",
@@ -106,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "of low-bit blocks + fp16 residual) inside a fixed memory budget.")
     p.add_argument("--version", action="version", version=f"edgekv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_export(sub)
     _add_eval(sub)
     return p
 

@@ -104,6 +104,7 @@ def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     path = resolve_model_path(spec)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     where, kw = str(path), dict(local_files_only=True)
     if path.is_file():
         converted = converted_cache_dir(path)

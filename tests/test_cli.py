@@ -33,20 +33,12 @@ def test_bad_input_is_one_clear_line(args, msg, capsys):
     assert msg in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model):
+def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model_dir):
     """End to end through the CLI on a tiny model with a character-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i - 32 for i in range(32, 127)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab | {"[UNK]": 95}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
-    tiny_model.save_pretrained(tmp_path)
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "r.json"
-    assert main(["eval", str(tmp_path), "--bits", "4,2", "--window", "64", "--block", "8",
+    assert main(["eval", str(tiny_model_dir), "--bits", "4,2", "--window", "64", "--block", "8",
                  "--group", "8", "--text", str(text), "--max-tokens", "300", "--sequences", "2",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -1,0 +1,165 @@
+"""Write an edgekv bundle: one portable directory that plain onnxruntime executes.
+
+    manifest.json   format version, model config, policy, per-layer bits, every cache
+                    tensor (name/shape/dtype/bytes), KV bytes at full window, file hashes
+    decode.onnx     one new token          prefill.onnx   C new tokens, causal
+    pack.onnx       quantize + pack one full block of K and V
+    weights.bin     weights as external data, shared by decode and prefill
+    tokenizer.json, tokenizer_config.json, chat_template.jinja
+
+Atomic: everything is written to a temporary directory beside the target and renamed at
+the end, so a failed or interrupted export leaves no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgekv import __version__
+from edgekv.errors import EdgekvError
+from edgekv.policy import CachePolicy
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ExportOptions:
+    prefill_chunk: int = 32
+    weights_dtype: str = "fp32"  # fp32 | fp16
+    opset: int = 18
+
+
+def check_output_path(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EdgekvError(f"output path {out} is a file; give a directory path for the bundle")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise EdgekvError(f"output {out} already exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise EdgekvError(f"parent directory {out.parent} does not exist")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_config(config) -> dict:
+    from edgekv.reference.model import kv_shape
+
+    shape = kv_shape(config)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if not rope and getattr(config, "rope_theta", None):
+        rope = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    return {
+        "model_type": config.model_type, "num_layers": shape.num_layers,
+        "num_heads": config.num_attention_heads, "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim, "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size, "rope": rope,
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "bos_token_id": getattr(config, "bos_token_id", None),
+        "eos_token_id": getattr(config, "eos_token_id", None),
+    }
+
+
+def cache_manifest(policy: CachePolicy, shape) -> dict:
+    layers = []
+    for i in range(shape.num_layers):
+        tensors = [{"name": f"past.{i}.{t.name}", "shape": list(t.shape), "dtype": t.dtype,
+                    "bytes": t.nbytes} for t in policy.layer_tensors(shape, i)]
+        layers.append({"bits_k": policy.bits_k[i], "bits_v": policy.bits_v[i],
+                       "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors})
+    return {"layers": layers, "total_bytes": policy.total_bytes(shape),
+            "fp16_ratio": policy.fp16_ratio(shape),
+            "bytes_per_window_token": policy.ring_bytes_per_token(shape)}
+
+
+def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
+                 force: bool = False, step: Callable[[str], None] = lambda s: None) -> dict:
+    """Export `loaded` (export.model_loading.LoadedModel) with `policy` into `out`.
+    `step(description)` is called as each stage starts (for a progress bar)."""
+    import onnx
+
+    from edgekv.export.onnx_graph import build_decoder
+    from edgekv.export.onnx_pack import build_pack
+    from edgekv.export.weights_file import externalize, store_weights_fp16
+    from edgekv.reference.model import kv_shape
+
+    out = Path(out)
+    check_output_path(out, force)
+    shape = kv_shape(loaded.model.config)
+    policy.check_shape(shape)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        step("tracing decode graph")
+        decode = build_decoder(loaded.model, policy, tokens=1)
+        step("tracing prefill graph")
+        prefill = build_decoder(loaded.model, policy, tokens=options.prefill_chunk)
+        pack = build_pack(policy, shape)
+        for m in (decode, prefill, pack):
+            _set_opset(m, options.opset)
+        if options.weights_dtype == "fp16":
+            store_weights_fp16(decode)
+            store_weights_fp16(prefill)
+        step("writing weights")
+        externalize([decode, prefill], tmp)
+        step("checking graphs")
+        for name, m in (("decode.onnx", decode), ("prefill.onnx", prefill), ("pack.onnx", pack)):
+            onnx.save(m, tmp / name)
+            onnx.checker.check_model(str(tmp / name), full_check=True)
+        step("writing tokenizer and manifest")
+        loaded.tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format_version": FORMAT_VERSION, "edgekv_version": __version__,
+            "source_model": Path(loaded.source).name, "model": model_config(loaded.model.config),
+            "policy": {"sinks": policy.sinks, "window": policy.window, "block": policy.block,
+                       "group": policy.group, "positions": policy.positions,
+                       "bits_k": list(policy.bits_k), "bits_v": list(policy.bits_v),
+                       "average_bits": policy.average_bits()},
+            "graphs": {"decode": "decode.onnx", "prefill": "prefill.onnx", "pack": "pack.onnx",
+                       "prefill_chunk": options.prefill_chunk, "opset": options.opset,
+                       "weights_dtype": options.weights_dtype},
+            "cache": cache_manifest(policy, shape),
+        }
+        manifest["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _set_opset(model, opset: int) -> None:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > opset:
+            raise EdgekvError(f"--opset {opset} is too old: the graphs need opset {o.version}")
+        if o.domain in ("", "ai.onnx"):
+            o.version = opset
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target (allowed by --force) is removed only
+    after the new bundle is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def bundle_size(out: Path) -> int:
+    return sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file())

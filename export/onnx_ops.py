@@ -1,0 +1,264 @@
+"""Compressed-cache operators as ONNX functions in the `edgekv` domain (DESIGN.md "Graphs").
+
+Each function body is made of standard ONNX ops (opset 18), so any runtime inlines and
+runs it as is; a faster backend may match the function name and substitute a kernel.
+Bodies are specialised per model (heads, head_dim, block, group are baked constants)
+and per code width, which keeps them free of Shape arithmetic.
+
+Numerics follow edgekv.quant / edgekv.reference exactly: dequant = code*scale + zero in
+fp32, quantize with the fp16-rounded scale/zero, Round (half to even), then Clip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import FunctionProto, NodeProto, TensorProto, helper, numpy_helper
+
+DOMAIN = "edgekv"
+DOMAIN_VERSION = 1
+OPSET = 18  # BitwiseAnd/BitwiseOr and Split(num_outputs) need 18
+F32, F16, U8 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.UINT8
+
+
+def opset_imports() -> list[onnx.OperatorSetIdProto]:
+    return [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+
+
+class Emitter:
+    """Collects nodes for a graph or function body; every value gets a fresh name and
+    identical constants are emitted once."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.nodes: list[NodeProto] = []
+        self.prefix = prefix
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{self.prefix}{hint}_{self._n}"
+
+    def op(self, op_type: str, *inputs: str, out: str | list[str] | None = None, n_out: int = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        if out is None:
+            outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        else:
+            outs = [out] if isinstance(out, str) else list(out)
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type),
+                                           domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, value, dtype=None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self.fresh("const")
+            self.nodes.append(helper.make_node("Constant", [], [name], name=self.fresh("Constant"),
+                                               value=numpy_helper.from_array(arr, name)))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def i64(self, *values: int) -> str:
+        return self.const(np.array(values, dtype=np.int64))
+
+    def f32(self, value: float) -> str:
+        return self.const(np.array(value, dtype=np.float32))
+
+
+# ---- bit packing (little-endian bit stream along the last axis, edgekv.packing) -------
+# onnxruntime's CPU broadcasting is slow when the broadcast inner run is short and a
+# Gather per code is slower still, so unpacking shifts whole rows: the shift index sits
+# on an axis whose inner run is long (D for keys, everything for values).
+def _word3(e: Emitter, parts: list[str]) -> str:
+    """Three byte tensors -> their 24-bit little-endian word (uint32)."""
+    word = None
+    for j, byte in enumerate(parts):
+        byte = e.op("Cast", byte, to=TensorProto.UINT32)
+        if j:
+            byte = e.op("BitShift", byte, e.const(8 * j, np.uint32), direction="LEFT")
+        word = byte if word is None else e.op("BitwiseOr", word, byte)
+    return word
+
+
+def unpack_rows(e: Emitter, packed: str, bits: int, block: int, head_dim: int) -> str:
+    """Key codes [1,H,nblk,D,B*bits/8] -> [1,H,nblk,B,D] uint8: the packed bytes are
+    transposed first (cheap, bytes), then code i of a unit comes from shifting a row of D."""
+    rows = e.op("Transpose", packed, perm=[0, 1, 2, 4, 3])  # [1,H,nblk,nbytes,D]
+    if bits == 8:
+        return rows
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 2 and 4 bits: byte j holds tokens j*k .. j*k+k-1
+        k, word, dt = 8 // bits, e.op("Unsqueeze", rows, e.i64(-2)), np.uint8
+    else:  # 3 bits: 3 bytes hold 8 tokens
+        k, dt = 8, np.uint32
+        groups = e.op("Reshape", rows, e.i64(0, 0, 0, -1, bits, head_dim))
+        word = _word3(e, e.op("Split", groups, axis=-2, num_outputs=bits, n_out=bits))
+    codes = e.op("BitShift", word, e.const((np.arange(k) * bits).reshape(k, 1), dt), direction="RIGHT")
+    codes = e.op("BitwiseAnd", codes, e.const(mask, dt))  # [1,H,nblk,units,k,D]
+    return e.op("Reshape", codes, e.i64(0, 0, 0, block, head_dim))
+
+
+def unpack_last(e: Emitter, packed: str, bits: int, n: int) -> str:
+    """Value codes [1,H,W,n*bits/8] -> [1,H,W,n] (uint8 or uint32). The shift index goes
+    first ([k,1,H,W,units]: one scalar shift per long run), then a Transpose moves it
+    last, which interleaves the codes back into stream order."""
+    if bits == 8:
+        return packed
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        k, word, dt = 8 // bits, packed, np.uint8
+    else:  # 3 bytes -> one 24-bit word, summed exactly in fp32 (< 2**24) by a MatMul
+        k, dt = 8, np.uint32
+        groups = e.op("Cast", e.op("Reshape", packed, e.i64(0, 0, 0, -1, bits)), to=F32)
+        word = e.op("MatMul", groups, e.const([[1.0], [256.0], [65536.0]], np.float32))
+        word = e.op("Cast", e.op("Squeeze", word, e.i64(-1)), to=TensorProto.UINT32)
+    shifts = e.const((np.arange(k) * bits).reshape(k, 1, 1, 1, 1), dt)
+    codes = e.op("BitShift", e.op("Unsqueeze", word, e.i64(0)), shifts, direction="RIGHT")
+    codes = e.op("BitwiseAnd", codes, e.const(mask, dt))
+    codes = e.op("Transpose", codes, perm=[1, 2, 3, 4, 0])  # [1,H,W,units,k]
+    return e.op("Reshape", codes, e.i64(0, 0, 0, n))
+
+
+def pack(e: Emitter, codes: str, bits: int, rank: int) -> str:
+    """uint8 codes [..., n] (n % 8 == 0, known rank) -> packed uint8 [..., n*bits/8].
+    Eight codes fill `bits` bytes: sum code_i << (i*bits) in int64 (bits never overlap,
+    so the sum is an OR), then split the word into its bytes."""
+    if bits == 8:
+        return codes
+    keep = [0] * (rank - 1)
+    groups = e.op("Reshape", codes, e.i64(*keep, -1, 8))
+    weights = e.const(1 << (np.arange(8) * bits), np.int64)
+    word = e.op("ReduceSum", e.op("Mul", e.op("Cast", groups, to=TensorProto.INT64), weights),
+                e.i64(-1), keepdims=1)
+    word = e.op("Cast", word, to=TensorProto.UINT64)
+    byte = e.op("BitShift", word, e.const(np.arange(bits) * 8, np.uint64), direction="RIGHT")
+    byte = e.op("Cast", e.op("BitwiseAnd", byte, e.const(255, np.uint64)), to=TensorProto.UINT8)
+    return e.op("Reshape", byte, e.i64(*keep, -1))
+
+
+# ---- quantization (edgekv.quant) --------------------------------------------------------
+def _quantize(e: Emitter, x: str, axis: int, bits: int) -> tuple[str, str, str]:
+    """fp32 x -> (codes uint8 like x, scale fp16, zero fp16 reduced over `axis`)."""
+    levels = float((1 << bits) - 1)
+    ax = e.i64(axis)
+    mn = e.op("ReduceMin", x, ax, keepdims=0)
+    mx = e.op("ReduceMax", x, ax, keepdims=0)
+    scale = e.op("Cast", e.op("Div", e.op("Sub", mx, mn), e.f32(levels)), to=F16)
+    zero = e.op("Cast", mn, to=F16)
+    s = e.op("Unsqueeze", e.op("Cast", scale, to=F32), ax)
+    z = e.op("Unsqueeze", e.op("Cast", zero, to=F32), ax)
+    nonzero = e.op("Greater", s, e.f32(0.0))
+    safe = e.op("Where", nonzero, s, e.f32(1.0))
+    q = e.op("Round", e.op("Div", e.op("Sub", x, z), safe))  # division, as the reference does
+    q = e.op("Where", nonzero, q, e.f32(0.0))
+    q = e.op("Clip", q, e.f32(0.0), e.f32(levels))
+    return e.op("Cast", q, to=U8), scale, zero
+
+
+def quantize_keys_function(bits: int) -> FunctionProto:
+    """QuantizeKeys_b{bits}: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8], scale/zero [1,H,D]."""
+    e = Emitter()
+    x = e.op("Cast", "x", to=F32)
+    codes, scale, zero = _quantize(e, x, 2, bits)
+    codes = pack(e, e.op("Transpose", codes, perm=[0, 1, 3, 2]), bits, rank=4)
+    e.op("Identity", codes, out="codes")
+    e.op("Identity", scale, out="scale")
+    e.op("Identity", zero, out="zero")
+    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}", ["x"], ["codes", "scale", "zero"],
+                                e.nodes, [helper.make_opsetid("", OPSET)])
+
+
+def quantize_values_function(bits: int, group: int) -> FunctionProto:
+    """QuantizeValues_b{bits}_g{group}: x fp16 [1,H,T,D] -> codes [1,H,T,D*bits/8],
+    scale/zero [1,H,T,D/G]."""
+    e = Emitter()
+    x = e.op("Reshape", e.op("Cast", "x", to=F32), e.i64(0, 0, 0, -1, group))
+    codes, scale, zero = _quantize(e, x, 4, bits)
+    codes = pack(e, e.op("Reshape", codes, e.i64(0, 0, 0, -1)), bits, rank=4)
+    e.op("Identity", codes, out="codes")
+    e.op("Identity", scale, out="scale")
+    e.op("Identity", zero, out="zero")
+    return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}", ["x"],
+                                ["codes", "scale", "zero"], e.nodes, [helper.make_opsetid("", OPSET)])
+
+
+# ---- compressed attention ----------------------------------------------------------------
+def ring_names(bits: int, side: str) -> list[str]:
+    """The ring buffers of one side as CachePolicy.layer_tensors names them."""
+    return [f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in ("codes", "scale", "zero")]
+
+
+def attention_inputs(bits_k: int, bits_v: int) -> list[str]:
+    return (["q", "k", "v", "cos_k", "sin_k", "cos_q", "sin_q", "mask",
+             "sink_k", "sink_v", "residual_k", "residual_v"]
+            + ring_names(bits_k, "k") + ring_names(bits_v, "v"))
+
+
+def attention_name(bits_k: int, bits_v: int) -> str:
+    return f"CompressedAttention_k{bits_k}_v{bits_v}"
+
+
+def _rope(e: Emitter, x: str, cos: str, sin: str) -> str:
+    """x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1) (the HF convention)."""
+    x1, x2 = e.op("Split", x, axis=-1, num_outputs=2, n_out=2)
+    rot = e.op("Concat", e.op("Neg", x2), x1, axis=-1)
+    return e.op("Add", e.op("Mul", x, cos), e.op("Mul", rot, sin))
+
+
+def _ring_keys(e: Emitter, bits: int, head_dim: int, block: int) -> str:
+    """Ring keys in slot order, fp32 [1,H,W,D] (pre-RoPE)."""
+    if bits == 16:
+        return e.op("Reshape", e.op("Cast", "ring_k", to=F32), e.i64(0, 0, -1, head_dim))
+    codes = e.op("Cast", unpack_rows(e, "ring_k_codes", bits, block, head_dim), to=F32)
+    axis = e.i64(-2)
+    scale = e.op("Unsqueeze", e.op("Cast", "ring_k_scale", to=F32), axis)
+    zero = e.op("Unsqueeze", e.op("Cast", "ring_k_zero", to=F32), axis)
+    x = e.op("Add", e.op("Mul", codes, scale), zero)  # [1,H,nblk,B,D]
+    return e.op("Reshape", x, e.i64(0, 0, -1, head_dim))
+
+
+def _ring_values(e: Emitter, bits: int, head_dim: int, group: int) -> str:
+    """Ring values in slot order, fp32 [1,H,W,D]."""
+    if bits == 16:
+        return e.op("Cast", "ring_v", to=F32)
+    codes = unpack_last(e, "ring_v_codes", bits, head_dim)
+    codes = e.op("Cast", e.op("Reshape", codes, e.i64(0, 0, 0, head_dim // group, group)), to=F32)
+    axis = e.i64(-1)
+    scale = e.op("Unsqueeze", e.op("Cast", "ring_v_scale", to=F32), axis)
+    zero = e.op("Unsqueeze", e.op("Cast", "ring_v_zero", to=F32), axis)
+    x = e.op("Add", e.op("Mul", codes, scale), zero)
+    return e.op("Reshape", x, e.i64(0, 0, 0, head_dim))
+
+
+def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads: int,
+                       head_dim: int, block: int, group: int) -> FunctionProto:
+    """CompressedAttention_k{bk}_v{bv}.
+
+    Inputs: q [1,Hq,T,D] fp32 pre-RoPE; k, v [1,Hkv,T,D] fp32 (already fp16-rounded);
+    cos_k/sin_k [L+T,D] for every cache slot then the new tokens; cos_q/sin_q [T,D];
+    mask bool [T,L+T]; the layer's cache buffers (fp16 sinks/residual, ring as stored).
+    Output: o [1,Hq,T,D] fp32. Cache slots are attended in storage order; positions and
+    the mask make the order irrelevant, so nothing is gathered or reordered.
+    """
+    e = Emitter()
+    n_rep = num_heads // num_kv_heads
+    keys = e.op("Concat", e.op("Cast", "sink_k", to=F32), _ring_keys(e, bits_k, head_dim, block),
+                e.op("Cast", "residual_k", to=F32), "k", axis=2)
+    vals = e.op("Concat", e.op("Cast", "sink_v", to=F32), _ring_values(e, bits_v, head_dim, group),
+                e.op("Cast", "residual_v", to=F32), "v", axis=2)
+    keys = _rope(e, keys, "cos_k", "sin_k")
+    q = e.op("Mul", _rope(e, "q", "cos_q", "sin_q"), e.f32(1.0 / math.sqrt(head_dim)))
+    # GQA: query head h reads KV head h // n_rep, so [1,Hq,T,D] -> [1,Hkv,n_rep,T,D] and
+    # K/V get a broadcast axis instead of being repeated.
+    q = e.op("Reshape", q, e.i64(1, num_kv_heads, n_rep, -1, head_dim))
+    kt = e.op("Unsqueeze", e.op("Transpose", keys, perm=[0, 1, 3, 2]), e.i64(2))
+    scores = e.op("MatMul", q, kt)  # [1,Hkv,n_rep,T,L+T]
+    scores = e.op("Where", "mask", scores, e.f32(-np.inf))
+    probs = e.op("Softmax", scores, axis=-1)
+    o = e.op("MatMul", probs, e.op("Unsqueeze", vals, e.i64(2)))  # [1,Hkv,n_rep,T,D]
+    e.op("Reshape", o, e.i64(1, num_heads, -1, head_dim), out="o")
+    return helper.make_function(DOMAIN, attention_name(bits_k, bits_v), attention_inputs(bits_k, bits_v),
+                                ["o"], e.nodes, [helper.make_opsetid("", OPSET)])

@@ -1,0 +1,57 @@
+"""pack.onnx: quantize and pack one full residual block (DESIGN.md "Graphs").
+
+The runtime runs it when a layer's residual fills, then writes the outputs for that
+layer's code widths into ring slot `blocks_pushed % ring_slots`. One graph serves every
+layer: it returns the packing for each distinct code width the policy uses.
+Bit-exact with edgekv.quant (tests/test_onnx_export.py).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from edgekv.export.onnx_ops import (
+    DOMAIN, F16, U8, Emitter, opset_imports, quantize_keys_function, quantize_values_function,
+)
+from edgekv.policy import CachePolicy, KVShape
+
+IR_VERSION = 9  # what onnxruntime >= 1.15 reads; nothing here needs more
+
+
+def pack_outputs(policy: CachePolicy) -> tuple[list[int], list[int]]:
+    """Code widths (< 16) pack.onnx produces for keys and for values."""
+    return (sorted({b for b in policy.bits_k if b < 16}), sorted({b for b in policy.bits_v if b < 16}))
+
+
+def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
+    """Inputs k, v fp16 [1,H,B,D]; outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
+    and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/G] for each width b used."""
+    policy.check_shape(shape)
+    h, d, blk, g = shape.num_kv_heads, shape.head_dim, policy.block, policy.group
+    kbits, vbits = pack_outputs(policy)
+    e = Emitter()
+    outputs, functions = [], []
+    for side, widths in (("k", kbits), ("v", vbits)):
+        for b in widths:
+            if side == "k":
+                fn = quantize_keys_function(b)
+                shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d])
+            else:
+                fn = quantize_values_function(b, g)
+                shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // g], [1, h, blk, d // g])
+            functions.append(fn)
+            names = [f"{side}{b}_codes", f"{side}{b}_scale", f"{side}{b}_zero"]
+            e.op(fn.name, side, out=names, domain=DOMAIN)
+            outputs += [helper.make_tensor_value_info(n, t, s)
+                        for n, t, s in zip(names, (U8, F16, F16), shapes)]
+    if not outputs:  # an all-16-bit policy still gets a valid (pass-through) graph
+        e.op("Identity", "k", out="k16")
+        e.op("Identity", "v", out="v16")
+        outputs = [helper.make_tensor_value_info(n, F16, [1, h, blk, d]) for n in ("k16", "v16")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, h, blk, d]) for n in ("k", "v")]
+    graph = helper.make_graph(e.nodes, "edgekv_pack", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=opset_imports(), functions=functions,
+                              producer_name="edgekv")
+    model.ir_version = IR_VERSION
+    return model

@@ -1,0 +1,151 @@
+"""A small numpy driver for decode.onnx / prefill.onnx / pack.onnx on onnxruntime (CPU).
+
+It owns the cache buffers as numpy arrays (CachePolicy.layer_tensors) and keeps the same
+counters and write rules as edgekv.reference.cache.CompressedKVCache: sinks first, then
+the fp16 residual; a full residual is packed by pack.onnx into ring slot
+blocks_pushed % ring_slots (evicting the oldest block). Positions and validity are
+computed on the host in storage (slot) order, as the graph contract asks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgekv.export.onnx_graph import build_decoder, cache_inputs
+from edgekv.export.onnx_pack import build_pack
+from edgekv.policy import CachePolicy, KVShape
+from edgekv.reference.model import kv_shape
+
+
+def session(model: onnx.ModelProto | str, threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = threads
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+class OnnxDriver:
+    def __init__(self, decode: ort.InferenceSession, pack: ort.InferenceSession, policy: CachePolicy,
+                 shape: KVShape, prefill: ort.InferenceSession | None = None, chunk: int | None = None,
+                 context: int | None = None) -> None:
+        self.decode, self.pack, self.prefill, self.chunk = decode, pack, prefill, chunk
+        self.policy, self.shape = policy, shape
+        self.buffers = {n: np.zeros(s, dtype=dt) for n, s, dt in cache_inputs(policy, shape, context)}
+        self.slots = policy.ring_capacity(context) // policy.block
+        self.n_sink = self.n_res = self.blocks_pushed = 0
+
+    @classmethod
+    def from_model(cls, model, policy: CachePolicy, chunk: int | None = None, threads: int = 1,
+                   context: int | None = None) -> "OnnxDriver":
+        shape = kv_shape(model.config)
+        prefill = session(build_decoder(model, policy, chunk, context), threads) if chunk else None
+        return cls(session(build_decoder(model, policy, 1, context), threads),
+                   session(build_pack(policy, shape), threads), policy, shape, prefill, chunk, context)
+
+    # ---- counters (CompressedKVCache semantics) ------------------------------------------
+    @property
+    def ring_filled(self) -> int:
+        return min(self.blocks_pushed, self.slots)
+
+    def room(self) -> int:
+        p = self.policy
+        return p.sinks - self.n_sink if self.n_sink < p.sinks else p.block - self.n_res
+
+    def positions(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cache_positions, cache_valid) over S+W+B slots in storage order, and the new
+        tokens' positions."""
+        p, b, s = self.policy, self.policy.block, self.policy.sinks
+        w = self.slots * b
+        pos, valid = np.zeros(s + w + b, np.int64), np.zeros(s + w + b, bool)
+        cache_mode = p.positions == "cache"
+        pos[:self.n_sink], valid[:self.n_sink] = np.arange(self.n_sink), True
+        first = self.blocks_pushed - self.ring_filled
+        for order, blk in enumerate(range(first, self.blocks_pushed)):
+            at = s + (blk % self.slots) * b
+            start = self.n_sink + order * b if cache_mode else s + blk * b
+            pos[at:at + b], valid[at:at + b] = start + np.arange(b), True
+        length = self.n_sink + self.ring_filled * b  # tokens before the residual, as attended
+        res0 = length if cache_mode else s + self.blocks_pushed * b
+        pos[s + w:s + w + self.n_res], valid[s + w:s + w + self.n_res] = res0 + np.arange(self.n_res), True
+        new0 = (length if cache_mode else self.n_sink + self.blocks_pushed * b) + self.n_res
+        return pos, valid, new0 + np.arange(t, dtype=np.int64)
+
+    # ---- running -------------------------------------------------------------------------
+    def forward(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Feed token ids [T] (any T): a prefill run per full chunk that fits before the
+        next boundary, decode runs otherwise. Returns (tokens, last logits [V]) per run."""
+        out, start = [], 0
+        while start < len(ids):
+            n = min(self.room(), len(ids) - start)
+            if self.prefill is not None and n >= self.chunk:
+                n = self.chunk
+            else:
+                n = 1
+            out.append((n, self._run(self.prefill if n > 1 else self.decode, ids[start:start + n])))
+            start += n
+        return out
+
+    def _run(self, sess: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
+        t = len(ids)
+        pos, valid, new = self.positions(t)
+        feeds = {"input_ids": np.asarray(ids, np.int64)[None], "new_positions": new,
+                 "cache_positions": pos, "cache_valid": valid, **self.buffers}
+        names = [o.name for o in sess.get_outputs()]
+        res = dict(zip(names, sess.run(None, feeds)))
+        for i in range(self.shape.num_layers):
+            self._append(i, res[f"new.{i}.k"], res[f"new.{i}.v"])
+        self._commit(t)
+        return res["logits"][0, -1]
+
+    def _append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        t, p, pre = k.shape[2], self.policy, f"past.{layer}."
+        buf = self.buffers
+        if self.n_sink < p.sinks:
+            buf[pre + "sink_k"][:, :, self.n_sink:self.n_sink + t] = k
+            buf[pre + "sink_v"][:, :, self.n_sink:self.n_sink + t] = v
+            return
+        buf[pre + "residual_k"][:, :, self.n_res:self.n_res + t] = k
+        buf[pre + "residual_v"][:, :, self.n_res:self.n_res + t] = v
+        if self.n_res + t == p.block:
+            self._push_block(layer)
+
+    def _push_block(self, layer: int) -> None:
+        p, pre, buf = self.policy, f"past.{layer}.", self.buffers
+        if p.window is None and self.blocks_pushed >= self.slots:
+            raise RuntimeError("window-less cache is full (the graphs were sized for a context)")
+        slot, b = self.blocks_pushed % self.slots, p.block
+        bk, bv = p.bits_k[layer], p.bits_v[layer]
+        rk, rv = buf[pre + "residual_k"], buf[pre + "residual_v"]
+        names = [o.name for o in self.pack.get_outputs()]
+        packed = dict(zip(names, self.pack.run(None, {"k": rk, "v": rv})))
+        if bk == 16:
+            buf[pre + "ring_k"][:, :, slot] = rk
+        else:
+            for n in ("codes", "scale", "zero"):
+                buf[f"{pre}ring_k_{n}"][:, :, slot] = packed[f"k{bk}_{n}"]
+        toks = slice(slot * b, (slot + 1) * b)
+        if bv == 16:
+            buf[pre + "ring_v"][:, :, toks] = rv
+        else:
+            for n in ("codes", "scale", "zero"):
+                buf[f"{pre}ring_v_{n}"][:, :, toks] = packed[f"v{bv}_{n}"]
+
+    def _commit(self, t: int) -> None:
+        if self.n_sink < self.policy.sinks:
+            self.n_sink += t
+            return
+        self.n_res += t
+        if self.n_res == self.policy.block:
+            self.n_res, self.blocks_pushed = 0, self.blocks_pushed + 1
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
+        """Greedy: returns the tokens and the logits each was chosen from."""
+        logits = self.forward(ids)[-1][1]
+        toks, seen = [], [logits]
+        for _ in range(max_new_tokens):
+            toks.append(int(logits.argmax()))
+            logits = self.forward(np.array([toks[-1]]))[-1][1]
+            seen.append(logits)
+        return toks, seen[:-1]

@@ -1,0 +1,160 @@
+"""The ONNX graphs (decode/prefill/pack) against the numpy and PyTorch references."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgekv import quant
+from edgekv.export.onnx_graph import build_decoder, cache_inputs
+from edgekv.export.onnx_ops import DOMAIN, OPSET, Emitter, unpack_last, unpack_rows
+from edgekv.packing import pack, unpack
+from edgekv.export.onnx_pack import build_pack
+from edgekv.policy import CachePolicy, KVShape
+from edgekv.reference.model import ReferenceModel, kv_shape
+from onnx_driver import OnnxDriver, session
+
+# fp32 onnxruntime vs torch: summation order only (seen ~5e-5 on the tiny model); a
+# rounding tie flipping one code step would still stay below this.
+LOGITS_ATOL = 1e-3
+GEOMETRY = dict(window=32, sinks=4, block=8, group=8)
+
+
+def _policy(bits_k, bits_v, **kw):
+    return CachePolicy(bits_k=bits_k, bits_v=bits_v, **{**GEOMETRY, **kw})
+
+
+@pytest.mark.parametrize("block,group,head_dim", [(8, 8, 16), (32, 32, 64)])
+def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim):
+    shape = KVShape(num_layers=4, num_kv_heads=2, head_dim=head_dim)
+    policy = _policy((2, 3, 4, 8), (8, 4, 3, 2), block=block, group=group, window=2 * block)
+    sess = session(build_pack(policy, shape))
+    names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(0)
+    for trial in range(10):
+        k = (rng.standard_normal((1, 2, block, head_dim)) * 10.0 ** rng.uniform(-2, 1)).astype(np.float16)
+        v = (rng.standard_normal((1, 2, block, head_dim)) * 10.0 ** rng.uniform(-2, 1)).astype(np.float16)
+        k[0, 0, :, 3] = 1.5   # a constant channel: scale 0, codes 0
+        v[0, 1, 2, :group] = -2.0  # a constant value group
+        out = dict(zip(names, sess.run(None, {"k": k, "v": v})))
+        for b in (2, 3, 4, 8):
+            for side, q in (("k", quant.quantize_keys(k, b)), ("v", quant.quantize_values(v, b, group))):
+                for part, expect in zip(("codes", "scale", "zero"), q):
+                    got = out[f"{side}{b}_{part}"]
+                    assert got.dtype == expect.dtype and got.shape == expect.shape
+                    assert np.array_equal(got, expect), (side, b, part, trial)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_matches_packing_reference(bits):
+    """Production geometry (B=32, D=64: several 3-bit words per row), both layouts."""
+    b, d = 32, 64
+    rng = np.random.default_rng(bits)
+    key_codes = rng.integers(0, 1 << bits, (1, 2, 3, d, b), dtype=np.uint8)  # [1,H,nblk,D,B]
+    val_codes = rng.integers(0, 1 << bits, (1, 2, 40, d), dtype=np.uint8)  # [1,H,W,D]
+    for fn, codes, expect in ((lambda e: unpack_rows(e, "x", bits, b, d), key_codes, np.swapaxes(key_codes, -1, -2)),
+                              (lambda e: unpack_last(e, "x", bits, d), val_codes, val_codes)):
+        e = Emitter()
+        e.op("Cast", fn(e), to=onnx.TensorProto.UINT8, out="y")
+        packed = pack(codes, bits)
+        assert np.array_equal(unpack(packed, bits, codes.shape[-1]), codes)
+        graph = onnx.helper.make_graph(
+            e.nodes, "unpack", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, packed.shape)],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, None)])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+        model.ir_version = 9
+        (got,) = session(model).run(None, {"x": packed})
+        assert np.array_equal(got, expect)
+
+
+@pytest.mark.parametrize("bits_k,bits_v", [((4, 8), (2, 16)), ((3, 16), (3, 8))])
+def test_graph_contract_and_full_check(tiny_model, tmp_path, bits_k, bits_v):
+    policy = _policy(bits_k, bits_v)
+    shape = kv_shape(tiny_model.config)
+    for t in (1, 8):
+        m = build_decoder(tiny_model, policy, t)
+        onnx.checker.check_model(m, full_check=True)
+        assert {f.name for f in m.functions} == {f"CompressedAttention_k{k}_v{v}" for k, v in zip(bits_k, bits_v)}
+        assert all(f.domain == DOMAIN for f in m.functions)
+        ins = {i.name: i for i in m.graph.input}
+        assert [i.name for i in m.graph.input][:4] == ["input_ids", "new_positions", "cache_positions",
+                                                       "cache_valid"]
+        assert [d.dim_value for d in ins["cache_valid"].type.tensor_type.shape.dim] == [4 + 32 + 8]
+        for name, s, dt in cache_inputs(policy, shape):
+            tt = ins[name].type.tensor_type
+            assert [d.dim_value for d in tt.shape.dim] == list(s)
+            assert onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) == np.dtype(dt)
+        outs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
+        assert outs["logits"] == [1, 1, 256] and outs["new.1.v"] == [1, 2, t, 16]
+    # Weights as external data, checked and run from the path.
+    path = tmp_path / "decode.onnx"
+    onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="decode.onnx.data", size_threshold=0)
+    onnx.checker.check_model(str(path), full_check=True)
+    assert path.stat().st_size < 200_000 and (tmp_path / "decode.onnx.data").stat().st_size > 400_000
+    session(str(path))
+
+
+def _compare(model, policy, prompt=60, new_tokens=40, seed=0, context=None):
+    """Prompt in prefill chunks (chunk = block) then greedy decode, against ReferenceModel
+    fed the same segments. Returns the max logit difference."""
+    drv = OnnxDriver.from_model(model, policy, chunk=policy.block, context=context)
+    ref = ReferenceModel(model, policy)
+    cache = ref.new_cache(context=context)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(seed))
+    diff, start = 0.0, 0
+    runs = drv.forward(ids[0].numpy())
+    assert any(n == policy.block for n, _ in runs)  # the prefill graph was used
+    for n, got in runs:
+        expect = ref.forward(ids[:, start:start + n], cache)[0, -1].numpy()
+        diff, start = max(diff, float(np.abs(got - expect).max())), start + n
+    assert expect.std() > 0.1  # real signal, not a degenerate model
+    got_toks, ref_toks = [], []
+    for _ in range(new_tokens):
+        got_toks.append(int(got.argmax()))
+        ref_toks.append(int(expect.argmax()))
+        assert got_toks == ref_toks
+        got = drv.forward(np.array([got_toks[-1]]))[-1][1]
+        expect = ref.forward(torch.tensor([[ref_toks[-1]]]), cache)[0, -1].numpy()
+        diff = max(diff, float(np.abs(got - expect).max()))
+    if policy.window is not None:
+        assert cache.blocks_pushed > cache.ring_slots  # eviction happened
+    assert drv.blocks_pushed == cache.blocks_pushed and drv.n_res == cache.n_res
+    return diff
+
+
+@pytest.mark.parametrize("bits_k,bits_v,positions", [
+    (16, 16, "cache"), (4, 4, "cache"), (3, 3, "cache"), (2, 2, "cache"),
+    ((4, 8), (2, 16), "cache"), (16, 16, "original"), (3, 3, "original"), ((4, 8), (2, 16), "original"),
+])
+def test_logits_and_greedy_tokens_match_reference(tiny_model, bits_k, bits_v, positions):
+    n = tiny_model.config.num_hidden_layers
+    bk = bits_k if isinstance(bits_k, tuple) else (bits_k,) * n
+    bv = bits_v if isinstance(bits_v, tuple) else (bits_v,) * n
+    diff = _compare(tiny_model, _policy(bk, bv, positions=positions))
+    print(f"max |logit diff| {diff:.2e}")
+    assert diff < LOGITS_ATOL
+
+
+def test_qwen2_biases_and_tied_embeddings():
+    from edgekv.export.tiny import tiny_llama
+
+    model = tiny_llama(model_type="qwen2", seed=1)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(model.model.layers[0].self_attn, name).bias.normal_(0.0, 0.5)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    policy = _policy((3, 3), (3, 3))
+    m = build_decoder(model, policy, 1)
+    assert len(m.graph.initializer) == len({i.name for i in m.graph.initializer})
+    assert not any(i.name.startswith("lm_head") for i in m.graph.initializer)  # stored once
+    assert _compare(model, policy, prompt=40, new_tokens=10) < LOGITS_ATOL
+
+
+def test_window_less_policy_sized_by_context(tiny_model):
+    policy = _policy((3, 3), (4, 4), window=None)
+    m = build_decoder(tiny_model, policy, 1, context=64)
+    ins = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    assert ins["past.0.ring_v_codes"] == [1, 2, 64, 8] and ins["cache_valid"] == [4 + 64 + 8]
+    assert _compare(tiny_model, policy, prompt=30, new_tokens=20, context=64) < LOGITS_ATOL
