@@ -1,0 +1,153 @@
+"""The compressed KV cache as numpy buffers: allocated once, written in place.
+
+Same semantics as edgekv.reference.cache.CompressedKVCache (the oracle): sinks fill
+first, then the fp16 residual; when a residual fills, the block is quantized (pack.onnx)
+into ring slot `blocks_pushed % slots`, which once the ring is full holds the oldest
+block, so eviction is that overwrite. Counters are host integers shared by all layers.
+
+The graphs never reorder the cache: the host passes every slot's RoPE position and
+validity in storage order [sinks | ring slots | residual] (`cache_positions`,
+`cache_valid`) and the new tokens' positions. Those arrays are allocated here too and
+rewritten in place, so a backend can bind them once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from edgekv.policy import CachePolicy, KVShape
+
+# Packs one layer's full residual; returns arrays named like pack.onnx's outputs.
+PackFn = Callable[[int], Mapping[str, np.ndarray]]
+
+
+class CacheState:
+    def __init__(self, policy: CachePolicy, shape: KVShape,
+                 tensors: list[tuple[str, tuple[int, ...], str]], token_counts: tuple[int, ...]) -> None:
+        """`tensors`: the manifest's cache buffer list (batch 1); `token_counts`: the T of
+        each graph (1 for decode, C for prefill), to size their position inputs."""
+        if policy.window is None:
+            raise ValueError("the runtime needs a finite window")
+        self.policy, self.shape = policy, shape
+        self.S, self.B, self.W = policy.sinks, policy.block, policy.window
+        self.slots = self.W // self.B
+        # The one allocation of the cache: every byte the manifest lists, zeroed.
+        self.buffers = {name: np.zeros(shp, dtype=dt) for name, shp, dt in tensors}
+        n = self.S + self.W + self.B
+        self.cache_positions = np.zeros(n, np.int64)
+        self.cache_valid = np.zeros(n, np.bool_)
+        self.new_positions = {t: np.zeros(t, np.int64) for t in token_counts}
+        self._tok = np.arange(self.B, dtype=np.int64)
+        self.n_sink = self.n_res = self.blocks_pushed = 0
+
+    # ---- sizes and counters (CompressedKVCache semantics) ---------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+    @property
+    def ring_filled(self) -> int:
+        return min(self.blocks_pushed, self.slots)
+
+    @property
+    def seen(self) -> int:
+        """Tokens ever appended (the next token's original position)."""
+        return self.n_sink + self.blocks_pushed * self.B + self.n_res
+
+    @property
+    def length(self) -> int:
+        """Tokens attention sees now."""
+        return self.n_sink + self.ring_filled * self.B + self.n_res
+
+    def room(self) -> int:
+        """Tokens that can be appended before the next sink->residual or block boundary."""
+        return self.S - self.n_sink if self.n_sink < self.S else self.B - self.n_res
+
+    def reset(self) -> None:
+        for b in self.buffers.values():
+            b.fill(0)
+        self.n_sink = self.n_res = self.blocks_pushed = 0
+
+    def rewind(self, seen: int) -> bool:
+        """Drop the newest tokens so that `seen` remain, if none of them is in the ring
+        (a pushed block cannot be un-quantized). Returns whether it could."""
+        if seen > self.seen or seen < 0:
+            return False
+        if self.n_sink < self.S:
+            self.n_sink = seen
+            return True
+        base = self.S + self.blocks_pushed * self.B
+        if seen >= base:
+            self.n_res = seen - base
+        elif self.blocks_pushed == 0:
+            self.n_sink, self.n_res = seen, 0
+        else:
+            return False
+        return True
+
+    # ---- positions ------------------------------------------------------------------
+    def prepare(self, t: int) -> None:
+        """Fill cache_positions / cache_valid (storage order) and new_positions[t] for a
+        graph call with t token slots (trailing slots beyond the real tokens are padding
+        and only continue the positions)."""
+        s, b, cache_mode = self.S, self.B, self.policy.positions == "cache"
+        pos, valid = self.cache_positions, self.cache_valid
+        pos.fill(0)
+        valid.fill(False)
+        pos[:self.n_sink] = np.arange(self.n_sink)
+        valid[:self.n_sink] = True
+        filled = self.ring_filled
+        if filled:
+            blocks = np.arange(self.blocks_pushed - filled, self.blocks_pushed)  # oldest first
+            at = s + (blocks % self.slots)[:, None] * b + self._tok
+            start = self.n_sink + np.arange(filled) * b if cache_mode else s + blocks * b
+            pos[at] = start[:, None] + self._tok
+            valid[at] = True
+        res = s + self.W
+        res0 = self.n_sink + filled * b if cache_mode else s + self.blocks_pushed * b
+        pos[res:res + self.n_res] = res0 + self._tok[:self.n_res]
+        valid[res:res + self.n_res] = True
+        new0 = self.length if cache_mode else self.seen
+        np.add(np.arange(t, dtype=np.int64), new0, out=self.new_positions[t])
+
+    # ---- writing --------------------------------------------------------------------
+    def append(self, new_k: list[np.ndarray], new_v: list[np.ndarray], n: int, pack: PackFn) -> None:
+        """Write the first n tokens of each layer's new pre-RoPE K/V [1,H,T,D] fp16 into the
+        sinks or the residual (n <= room()); if the residual fills, pack it into the ring.
+        Then advance the counters."""
+        if n > self.room():
+            raise ValueError(f"append of {n} tokens crosses a block boundary (room {self.room()})")
+        buf = self.buffers
+        sinks = self.n_sink < self.S
+        lo = self.n_sink if sinks else self.n_res
+        part = "sink" if sinks else "residual"
+        for i, (k, v) in enumerate(zip(new_k, new_v)):
+            buf[f"past.{i}.{part}_k"][:, :, lo:lo + n] = k[:, :, :n]
+            buf[f"past.{i}.{part}_v"][:, :, lo:lo + n] = v[:, :, :n]
+        if sinks:
+            self.n_sink += n
+            return
+        self.n_res += n
+        if self.n_res == self.B:
+            for i in range(self.shape.num_layers):
+                self._store_block(i, pack)
+            self.n_res, self.blocks_pushed = 0, self.blocks_pushed + 1
+
+    def _store_block(self, layer: int, pack: PackFn) -> None:
+        p, pre, buf, b = self.policy, f"past.{layer}.", self.buffers, self.B
+        slot = self.blocks_pushed % self.slots  # the oldest block's slot once the ring is full
+        bk, bv = p.bits_k[layer], p.bits_v[layer]
+        packed = pack(layer) if bk < 16 or bv < 16 else {}
+        if bk == 16:
+            buf[pre + "ring_k"][:, :, slot] = buf[pre + "residual_k"]
+        else:
+            for part in ("codes", "scale", "zero"):
+                buf[f"{pre}ring_k_{part}"][:, :, slot] = packed[f"k{bk}_{part}"]
+        toks = slice(slot * b, (slot + 1) * b)
+        if bv == 16:
+            buf[pre + "ring_v"][:, :, toks] = buf[pre + "residual_v"]
+        else:
+            for part in ("codes", "scale", "zero"):
+                buf[f"{pre}ring_v_{part}"][:, :, toks] = packed[f"v{bv}_{part}"]
