@@ -42,8 +42,8 @@ def check_output_path(out: Path, force: bool) -> None:
         raise EdgekvError(f"output path {out} is a file; give a directory path for the bundle")
     if out.exists() and any(out.iterdir()) and not force:
         raise EdgekvError(f"output {out} already exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise EdgekvError(f"parent directory {out.parent} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise EdgekvError(f"{out.parent} is a file, not a directory")
 
 
 def sha256(path: Path) -> str:
@@ -99,6 +99,7 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
     check_output_path(out, force)
     shape = kv_shape(loaded.model.config)
     policy.check_shape(shape)
+    out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: bundles/NAME just works
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         step("tracing decode graph")
