@@ -13,7 +13,6 @@ the end, so a failed or interrupted export leaves no half-written bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Callable
 
 from edgekv import __version__
 from edgekv.errors import EdgekvError
+from edgekv.files import sha256
 from edgekv.policy import CachePolicy
 
 FORMAT_VERSION = 1
@@ -44,14 +44,6 @@ def check_output_path(out: Path, force: bool) -> None:
         raise EdgekvError(f"output {out} already exists; pass --force to replace it")
     if out.parent.exists() and not out.parent.is_dir():
         raise EdgekvError(f"{out.parent} is a file, not a directory")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_config(config) -> dict:

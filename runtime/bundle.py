@@ -9,12 +9,12 @@ failure is a BundleError that names the file and says what to do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgekv.errors import EdgekvError, PolicyError
+from edgekv.files import sha256
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.runtime.onnx_proto import ExternalTensor, ProtoError, external_initializers
 
@@ -67,14 +67,6 @@ class Bundle:
     def external_weights(self, kind: str) -> list[ExternalTensor]:
         """The initializers of a graph that live in weights.bin."""
         return external_initializers(self.graph_path(kind).read_bytes())
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(path: str | Path) -> dict:
