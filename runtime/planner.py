@@ -18,12 +18,15 @@
       layer = 4*(12*Hkv*L*D + 3*Hq*T*L + 4*L*D)            one layer's unpack/RoPE chain,
                                                           scores and probs, cos/sin tables
       head  = 4*2*V                                       last-token logits
-      runtime = 80 MiB + 1.5 MiB*layers + 1 KiB*V         Python, numpy, onnxruntime sessions,
-                                                          tokenizer
+      runtime = 100 MiB + 1.5 MiB*layers + 1 KiB*V        Python, numpy, onnxruntime sessions,
+                                                          tokenizer (the 100 MiB base: a tiny
+                                                          bundle peaks at 75 MiB here and at
+                                                          88 MiB on the CI machine; the
+                                                          libraries' footprint varies by host)
       workspace = 1.5*(act + deq + layer + head) + runtime
   Fitted on three bundles (activations measured / planned, MiB): SmolLM2-135M W=1024
   53 / 169; 4 layers x W=8192: 159 / 220; 16 layers x W=8192: 348 / 511. Runtime
-  measured ~125 MiB for SmolLM2 (planned 173). Peak RSS stays below the plan
+  measured ~125 MiB for SmolLM2 (planned 193). Peak RSS stays below the plan
   (tests/test_runtime_memory.py checks it). intermediate_size is not in
   bundle manifests yet; 4*hidden is used then (Llama-family models use 2.7-3.5x).
 """
@@ -41,7 +44,7 @@ from edgekv.policy import CachePolicy, KVShape
 from edgekv.runtime.devices import DeviceProfile, resolve_device
 
 MiB, GiB = 1 << 20, 1 << 30
-RUNTIME_BASE, RUNTIME_PER_LAYER, RUNTIME_PER_VOCAB = 80 * MiB, 3 * MiB // 2, 1 << 10
+RUNTIME_BASE, RUNTIME_PER_LAYER, RUNTIME_PER_VOCAB = 100 * MiB, 3 * MiB // 2, 1 << 10
 SAFETY = 1.5
 MAX_WINDOW = 1 << 22  # search bound for the largest window (tokens)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": MiB,
