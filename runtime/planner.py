@@ -285,6 +285,14 @@ def _plan_bundle(label, manifest, dev, budget, context) -> Plan:
     parts = memory_parts(dims, policy, chunk, weights)
     max_w = largest_window(dims, policy, chunk, weights, budget)
     p = Plan(label, "bundle", dev.name, budget, policy, chunk, parts, max_w, context)
+    alloc = manifest.get("allocation") or {}
+    if alloc.get("layout") == "calibrated":
+        cal = alloc.get("calibration", {})
+        p.notes.append(f"bits calibrated for an average of {alloc.get('target_bits')} on "
+                       f"{cal.get('tokens')} tokens of held-out text "
+                       f"(predicted Δppl {alloc.get('predicted_delta_ppl_pct', float('nan')):+.2f} %)")
+    p.notes.append(f"{policy.bits_per_element(dims.kv_shape):.2f} bits per cached element with "
+                   f"scale/zero ({policy.average_bits():.2f} code bits)")
     if p.total > budget:
         raise PlanError(_too_big(p, "the bundle", policy.window, max_w, dims, "re-export with --window"))
     if context is not None and context > policy.sinks + policy.window:

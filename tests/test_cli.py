@@ -23,7 +23,8 @@ def test_help_and_version():
 
 @pytest.mark.parametrize("args,msg", [
     (["eval", "/no/such/model"], "does not exist"),
-    (["eval", "default", "--bits", "5"], "bits for keys must be one of"),
+    (["eval", "default", "--bits", "5", "--bits-layout", "uniform"], "bits for keys must be one of"),
+    (["eval", "default", "--bits", "1.5"], "calibrated average must lie in"),
     (["eval", "default", "--window", "1000"], "multiple of block"),
     (["eval", "default", "--text", "/no/such.txt"], "text file"),
 ])
@@ -38,10 +39,25 @@ def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model_dir):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "r.json"
-    assert main(["eval", str(tiny_model_dir), "--bits", "4,2", "--window", "64", "--block", "8",
+    assert main(["eval", str(tiny_model_dir), "--bits", "4,2", "--bits-layout", "uniform",
+                 "--window", "64", "--block", "8",
                  "--group", "8", "--text", str(text), "--max-tokens", "300", "--sequences", "2",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64", "2-bit W64"]
     assert rows[0]["delta_pct"] == 0.0 and rows[2]["fp16_ratio"] < rows[1]["fp16_ratio"] < 1.0
     assert all(r["ppl"] > 1.0 for r in rows)
+
+
+def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_model_dir), "--bits", "2.5", "--window", "64", "--block", "8",
+                 "--group", "8", "--text", str(text), "--max-tokens", "200",
+                 "--passkey-lengths", "", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][1]
+    assert row["setting"] == "calibrated 2.5-bit W64" and len(row["bits_k"]) == 2
+    assert row["average_bits"] == sum(row["bits_k"] + row["bits_v"]) / 4 <= 2.5
+    assert row["bits_per_element"] == row["average_bits"] + 4  # fp16 scale + zero per 8
+    assert row["predicted_delta_pct"] is not None

@@ -10,7 +10,7 @@ from edgekv.cli import main
 from edgekv.policy import CachePolicy
 from edgekv.reference.model import ReferenceModel
 
-ARGS = ["--bits", "3", "--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
+ARGS = ["--bits", "3", "--bits-layout", "uniform", "--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
 
 
 @pytest.fixture(scope="module")

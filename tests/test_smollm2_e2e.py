@@ -35,7 +35,8 @@ def test_passkey_inside_and_beyond_the_window(smollm2):
 
 def test_eval_cli_on_default_model(tmp_path):
     out = tmp_path / "eval.json"
-    assert main(["eval", "default", "--bits", "4,2", "--window", "256", "--max-tokens", "768",
+    assert main(["eval", "default", "--bits", "4,2", "--bits-layout", "uniform", "--window", "256",
+                 "--max-tokens", "768",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
     fp16, b4, b2 = rows["fp16 W256"], rows["4-bit W256"], rows["2-bit W256"]

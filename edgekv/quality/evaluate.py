@@ -20,25 +20,35 @@ class EvalSetting:
     block: int
     group: int
     positions: str = "cache"
+    calibrated: float | None = None  # average code width: per-layer bits from calibration
 
     @property
     def label(self) -> str:
         w = "full" if self.window is None else f"W{self.window}"
+        if self.calibrated is not None:
+            return f"calibrated {self.calibrated:g}-bit {w}"
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
             f"{self.bits_k}-bit" if self.bits_k == self.bits_v else f"K{self.bits_k}/V{self.bits_v}")
         return f"{kv} {w}"
 
-    def policy(self, num_layers: int) -> CachePolicy:
-        return CachePolicy.uniform(num_layers, bits_k=self.bits_k, bits_v=self.bits_v,
-                                   window=self.window, sinks=self.sinks, block=self.block,
-                                   group=self.group, positions=self.positions)
+    def geometry(self) -> tuple:
+        return (self.window, self.sinks, self.block, self.group, self.positions)
+
+    def policy(self, num_layers: int, allocation=None) -> CachePolicy:
+        """The cache policy; a calibrated setting needs its `allocation`
+        (edgekv.allocation.Allocation) and without one validates its geometry only."""
+        common = dict(window=self.window, sinks=self.sinks, block=self.block, group=self.group,
+                      positions=self.positions)
+        if allocation is not None:
+            return CachePolicy(bits_k=allocation.bits_k, bits_v=allocation.bits_v, **common)
+        return CachePolicy.uniform(num_layers, bits_k=self.bits_k, bits_v=self.bits_v, **common)
 
 
 @dataclass
 class EvalRow:
     setting: str
-    bits_k: int
-    bits_v: int
+    bits_k: int | list[int]  # a list: per layer (calibrated)
+    bits_v: int | list[int]
     window: int | None
     sinks: int
     block: int
@@ -51,20 +61,32 @@ class EvalRow:
     kv_bytes: int  # whole cache at full window (or at the evaluated context without one)
     seconds: float
     passkey_trials: list = field(default_factory=list)
+    average_bits: float = 16.0  # mean code width over layers x {K, V}
+    bits_per_element: float = 16.0  # ring bits per element, scale/zero included
+    predicted_delta_pct: float | None = None  # calibration's prediction (when calibrated)
 
 
 def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_tokens: int,
              sequences: int, passkey_lengths: list[int], passkey_depths: list[float],
              progress=None) -> list[EvalRow]:
     """Evaluate every setting; rows come back in the order given. `progress(n)` is called
-    with tokens processed."""
+    with tokens processed. Calibrated settings are allocated from one calibration per
+    cache geometry (on the calibration text, never `text`); `run_eval.calibration`
+    holds what it measured."""
+    import math
+
     from edgekv.reference.model import ReferenceModel, kv_shape
 
     ids = tokenizer(text).input_ids[:max_tokens]
     shape = kv_shape(model.config)
-    rows = []
+    rows, sens, done = [], {}, []
+    run_eval.calibration = {}
     for s in settings:
-        policy = s.policy(shape.num_layers)
+        allocation = sens_used = None
+        if s.calibrated is not None:
+            allocation, sens_used = calibrated_allocation(model, tokenizer, s, shape.num_layers, sens)
+            run_eval.calibration[s.label] = sens_used.meta
+        policy = s.policy(shape.num_layers, allocation)
         ref = ReferenceModel(model, policy)
         t0 = time.perf_counter()
         ppl = perplexity(ref, ids, sequences=sequences, progress=progress)
@@ -72,16 +94,39 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
                          progress=progress)
         secs = time.perf_counter() - t0
         context = len(ids) // sequences
+        predicted = None
+        if sens_used is not None:
+            predicted = 100.0 * math.expm1(sens_used.predicted_loss(policy.bits_k, policy.bits_v))
+        per_layer = allocation is not None
         rows.append(EvalRow(
-            setting=s.label, bits_k=s.bits_k, bits_v=s.bits_v, window=s.window, sinks=s.sinks,
+            setting=s.label, bits_k=list(policy.bits_k) if per_layer else s.bits_k,
+            bits_v=list(policy.bits_v) if per_layer else s.bits_v, window=s.window, sinks=s.sinks,
             block=s.block, group=s.group, ppl=ppl.ppl, delta_pct=None,
             passkey_pct=100.0 * sum(t.found for t in trials) / len(trials) if trials else None,
             kv_bytes_per_token=policy.ring_bytes_per_token(shape),
             fp16_ratio=policy.fp16_ratio(shape, context),
             kv_bytes=policy.total_bytes(shape, context), seconds=secs,
-            passkey_trials=[asdict(t) for t in trials]))
+            passkey_trials=[asdict(t) for t in trials], average_bits=policy.average_bits(),
+            bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted))
+        done.append((s, policy))
+    # The calibration's prediction for uniform rows too, to check it against the truth.
+    for (s, policy), row in zip(done, rows):
+        if row.predicted_delta_pct is None and s.geometry() in sens and policy.average_bits() < 16:
+            row.predicted_delta_pct = 100.0 * math.expm1(
+                sens[s.geometry()].predicted_loss(policy.bits_k, policy.bits_v))
     _fill_deltas(rows)
     return rows
+
+
+def calibrated_allocation(model, tokenizer, s: EvalSetting, num_layers: int, memo: dict):
+    """(Allocation, Sensitivity) for a calibrated setting; one calibration per geometry."""
+    from edgekv.allocation import allocate
+    from edgekv.calibration import measure
+
+    key = s.geometry()
+    if key not in memo:
+        memo[key] = measure(model, tokenizer, s.policy(num_layers))
+    return allocate(memo[key], s.calibrated), memo[key]
 
 
 def _fill_deltas(rows: list[EvalRow]) -> None:

@@ -74,3 +74,22 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     c = unpack(codes, bits, head_dim).float()
     g = c.reshape(*c.shape[:-1], head_dim // group, group)
     return (g * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).reshape(c.shape)
+
+
+def fake_quantize_keys(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """dequantize(quantize(x)) for key blocks [..., B, D], without packing (packing is
+    lossless): what attention reads back for these keys. Calibration uses it."""
+    x = x.float()
+    scale, zero = _scale_zero(x.amin(-2), x.amax(-2), bits)
+    s, z = scale.float().unsqueeze(-2), zero.float().unsqueeze(-2)
+    return _codes(x, scale.unsqueeze(-2), zero.unsqueeze(-2), bits).float() * s + z
+
+
+def fake_quantize_values(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """dequantize(quantize(x)) for values [..., T, D] in groups of `group`, without packing."""
+    x = x.float()
+    d = x.shape[-1]
+    g = x.reshape(*x.shape[:-1], d // group, group)
+    scale, zero = _scale_zero(g.amin(-1), g.amax(-1), bits)
+    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    return (_codes(g, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).float() * s + z).reshape(x.shape)

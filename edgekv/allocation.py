@@ -1,0 +1,104 @@
+"""Mixed-precision bit allocation: code widths per layer for keys and for values.
+
+`--bits 3` is a promise about memory (the average code width), not a uniform setting.
+Given each (layer, side)'s predicted loss at every candidate width (edgekv.calibration
+measures it), `allocate` solves the multiple-choice knapsack exactly: choose one width per
+(layer, side) so the sum of widths is at most target x 2L (K and V of a layer hold the same
+number of elements, so that is the element-weighted average) with the least summed
+predicted loss. Numpy/stdlib only: the runtime may read allocations without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from edgekv.errors import PolicyError
+
+WIDTHS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Predicted increase of the mean NLL (nats/token) when only one side of one layer is
+    quantized at each width: key[layer][j] for widths[j], same for value."""
+
+    widths: tuple[int, ...]
+    key: tuple[tuple[float, ...], ...]
+    value: tuple[tuple[float, ...], ...]
+    meta: dict = field(default_factory=dict)  # how it was measured (text, tokens, seconds)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.key)
+
+    def predicted_loss(self, bits_k, bits_v) -> float:
+        """Summed prediction (additive across layers and sides) for one allocation."""
+        idx = {w: j for j, w in enumerate(self.widths)}
+        total = 0.0
+        for i, (bk, bv) in enumerate(zip(bits_k, bits_v)):
+            total += 0.0 if bk == 16 else self.key[i][idx[bk]]
+            total += 0.0 if bv == 16 else self.value[i][idx[bv]]
+        return total
+
+
+@dataclass(frozen=True)
+class Allocation:
+    bits_k: tuple[int, ...]
+    bits_v: tuple[int, ...]
+    target: float
+    predicted_loss: float  # nats/token, summed over layers and sides
+
+    @property
+    def average_bits(self) -> float:
+        bits = self.bits_k + self.bits_v
+        return sum(bits) / len(bits)
+
+
+def allocate(sens: Sensitivity, target: float) -> Allocation:
+    """Widths per layer for K and V with average <= target and least predicted loss
+    (exact dynamic program over the integer bit budget)."""
+    n_layers, widths = sens.num_layers, sens.widths
+    lo, hi = min(widths), max(widths)
+    if not lo <= target:
+        raise PolicyError(f"average bits {target} is below the smallest width {lo}")
+    items = [sens.key[i] for i in range(n_layers)] + [sens.value[i] for i in range(n_layers)]
+    budget = min(int(math.floor(target * len(items) + 1e-9)), hi * len(items))
+    inf = float("inf")
+    # best[c]: least loss of the items so far with total width exactly c.
+    best = [inf] * (budget + 1)
+    best[0] = 0.0
+    choice: list[list[int]] = []
+    for losses in items:
+        nxt, pick = [inf] * (budget + 1), [-1] * (budget + 1)
+        for c, base in enumerate(best):
+            if base == inf:
+                continue
+            for j, w in enumerate(widths):
+                c2 = c + w
+                # Ties go to the wider code: equal predicted loss, less actual risk.
+                if c2 <= budget and base + losses[j] <= nxt[c2]:
+                    nxt[c2], pick[c2] = base + losses[j], j
+        best = nxt
+        choice.append(pick)
+    c = min(range(budget + 1), key=lambda x: (best[x], -x))
+    loss = best[c]
+    chosen = []
+    for pick in reversed(choice):
+        j = pick[c]
+        chosen.append(widths[j])
+        c -= widths[j]
+    chosen.reverse()
+    return Allocation(tuple(chosen[:n_layers]), tuple(chosen[n_layers:]), float(target), float(loss))
+
+
+def uniform_pair(target: float) -> tuple[int, int]:
+    """The uniform comparison for a target: K=V=target when it is a width, else keys one
+    step up (keys are the sensitive side), e.g. 2.5 -> K3/V2."""
+    if float(target).is_integer() and int(target) in WIDTHS + (16,):
+        return int(target), int(target)
+    below = max(w for w in WIDTHS if w < target)
+    above = min(w for w in WIDTHS if w > target)
+    if not math.isclose((below + above) / 2, target):
+        raise PolicyError(f"no uniform K/V pair averages {target} bits")
+    return above, below

@@ -1,0 +1,201 @@
+"""Calibration: how much each layer's keys and values lose at each code width.
+
+One forward + backward of the unquantized model over calibration text (the reserved last
+quarter of edgekv.quality.text, never the evaluation part) records, per layer, the
+pre-RoPE q/k/v (k, v rounded to fp16 as the cache stores them) and g = dLoss/d(attention
+output), the input of o_proj. Then, per layer, side and width, only that side of that
+layer is quantized with the cache's own quantizer (fake-quant: the codes the cache would
+store, dequantized), the attention output is recomputed for a sample of queries under the
+cache's visibility (fp16 sinks, quantized ring blocks within the window, the query's own
+block fp16 as the residual), and the loss increase is predicted with the diagonal Fisher
+estimate 1/2 * sum(g^2 * delta_o^2). Cheap (one backward, attention-only recomputation)
+and in loss units, so layers are comparable and the knapsack in edgekv.allocation can add
+them up. Needs torch; export and eval import it lazily.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from edgekv.allocation import WIDTHS, Sensitivity
+from edgekv.policy import CachePolicy
+from edgekv.reference import quant_torch as qt
+from edgekv.reference.model import _rotate_half, check_supported, kv_shape
+
+# 512 tokens keep export within its time budget on 2 CPU cores (one forward + backward).
+DEFAULT_TOKENS = 512
+DEFAULT_QUERIES = 128
+
+
+@dataclass
+class Capture:
+    q: list[torch.Tensor]  # per layer [Hq, T, D] pre-RoPE
+    k: list[torch.Tensor]  # [Hkv, T, D] pre-RoPE, fp16-rounded
+    v: list[torch.Tensor]  # [Hkv, T, D] fp16-rounded
+    grad: list[torch.Tensor]  # [T, Hq*D] dLoss(sum over tokens)/d(attention output)
+    cos: torch.Tensor  # [T, D]
+    sin: torch.Tensor
+    nll: float  # mean NLL of the unquantized model on the text
+
+
+def capture(model, ids: list[int]) -> Capture:
+    """Forward + backward over `ids` with hooks; weights get no gradients."""
+    check_supported(model.config)
+    shape = kv_shape(model.config)
+    hq, hkv, d = model.config.num_attention_heads, shape.num_kv_heads, shape.head_dim
+    layers = model.model.layers
+    store: dict[str, list] = {"q": [None] * len(layers), "k": [None] * len(layers),
+                              "v": [None] * len(layers), "o": [None] * len(layers)}
+    hooks = []
+
+    def keep(name, i, heads):
+        def hook(_mod, _inp, out):
+            store[name][i] = out.detach()[0].view(-1, heads, d).transpose(0, 1).float()
+        return hook
+
+    def keep_o(i):
+        def hook(_mod, args):
+            args[0].retain_grad()
+            store["o"][i] = args[0]
+        return hook
+
+    for i, layer in enumerate(layers):
+        a = layer.self_attn
+        hooks += [a.q_proj.register_forward_hook(keep("q", i, hq)),
+                  a.k_proj.register_forward_hook(keep("k", i, hkv)),
+                  a.v_proj.register_forward_hook(keep("v", i, hkv)),
+                  a.o_proj.register_forward_pre_hook(keep_o(i))]
+    # Gradients flow from the embeddings on, never into the weights (half the backward).
+    hooks.append(model.model.embed_tokens.register_forward_hook(
+        lambda _m, _i, out: out.detach().requires_grad_(True)))
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        x = torch.tensor([ids])
+        with torch.enable_grad():
+            logits = model(input_ids=x).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            loss.backward()
+        positions = torch.arange(len(ids))
+        cos, sin = model.model.rotary_emb(store["k"][0][None], positions[None])
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    fp16 = lambda t: t.to(torch.float16).float()  # noqa: E731  what the cache stores
+    return Capture(q=store["q"], k=[fp16(t) for t in store["k"]], v=[fp16(t) for t in store["v"]],
+                   grad=[o.grad[0].detach().float() for o in store["o"]],
+                   cos=cos[0].float(), sin=sin[0].float(), nll=float(loss.detach()) / (len(ids) - 1))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def visibility(n_tokens: int, queries: torch.Tensor, policy: CachePolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query (a token index) and key: (quantized, fp16) boolean masks [Q, T] under
+    the cache policy: sinks fp16; keys in the query's own block fp16 (the residual, causal);
+    earlier blocks quantized while they are within the ring (window/block blocks), evicted
+    after. Positions stay the original ones (a calibration proxy)."""
+    s, b = policy.sinks, policy.block
+    t = torch.arange(n_tokens)
+    blk = torch.where(t >= s, (t - s) // b, torch.full_like(t, -1))
+    qb = blk[queries][:, None]
+    kb = blk[None, :]
+    causal = t[None, :] <= queries[:, None]
+    sink = (t < s)[None, :].expand(len(queries), -1)
+    own = (kb == qb) & (kb >= 0) & causal
+    ring = (kb >= 0) & (kb < qb)
+    if policy.window is not None:
+        ring &= (qb - kb) <= policy.window // b
+    return ring, (sink & causal) | own
+
+
+def _quantizable(n_tokens: int, policy: CachePolicy) -> slice:
+    """Tokens that form whole blocks after the sinks (the ones a ring would hold)."""
+    s, b = policy.sinks, policy.block
+    n = max(0, (n_tokens - s) // b) * b
+    return slice(s, s + n)
+
+
+def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: torch.Tensor,
+                      widths=WIDTHS) -> tuple[list[float], list[float]]:
+    """Predicted summed loss increase (nats over the capture's tokens) for keys and for
+    values of one layer at each width, the rest of the model unquantized."""
+    q, k, v, g = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad[layer]
+    hq, n, d = q.shape
+    rep = hq // k.shape[0]
+    cos, sin = cap.cos, cap.sin
+    qs = _rope(q[:, queries], cos[queries], sin[queries]) / d**0.5  # [Hq, Q, D]
+    ring, full = visibility(n, queries, policy)
+    visible = ring | full
+    sl = _quantizable(n, policy)
+    nblk = (sl.stop - sl.start) // policy.block
+
+    def attend(keys: torch.Tensor) -> torch.Tensor:  # scores [Hq, Q, T]
+        return qs @ _rope(keys, cos, sin).repeat_interleave(rep, 0).transpose(-1, -2)
+
+    s_f = attend(k)
+    p_f = torch.softmax(s_f.masked_fill(~visible, float("-inf")), -1)
+    v_rep = v.repeat_interleave(rep, 0)
+    o_f = p_f @ v_rep
+    g2 = g[queries].view(len(queries), hq, d).transpose(0, 1) ** 2  # [Hq, Q, D]
+    # Queries are a sample: scale up to the whole text, then per scored token.
+    norm = 0.5 * (n / len(queries)) / (n - 1)
+    k_loss, v_loss = [], []
+    for w in widths:
+        if nblk == 0:
+            k_loss.append(0.0)
+            v_loss.append(0.0)
+            continue
+        kq = k.clone()
+        kq[:, sl] = qt.fake_quantize_keys(k[:, sl].reshape(-1, nblk, policy.block, d), w).reshape(-1, nblk * policy.block, d)
+        s_q = torch.where(full, s_f, attend(kq))
+        o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
+        k_loss.append(float(norm * (g2 * (o - o_f) ** 2).sum()))
+        vq = v.clone()
+        vq[:, sl] = qt.fake_quantize_values(v[:, sl], w, policy.group)
+        dv = (p_f * ring) @ (vq - v).repeat_interleave(rep, 0)
+        v_loss.append(float(norm * (g2 * dv ** 2).sum()))
+    return k_loss, v_loss
+
+
+def calibration_ids(tokenizer, tokens: int = DEFAULT_TOKENS) -> list[int]:
+    from edgekv.quality.text import calibration_text
+
+    ids = tokenizer(calibration_text()).input_ids[:tokens]
+    if len(ids) < 2:
+        raise ValueError("calibration text gave fewer than 2 tokens")
+    return ids
+
+
+def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
+            queries: int = DEFAULT_QUERIES, widths=WIDTHS) -> Sensitivity:
+    """Sensitivity of every layer's keys and values at every width, measured on the
+    calibration text with `policy`'s geometry (sinks, block, group, window)."""
+    t0 = time.perf_counter()
+    ids = calibration_ids(tokenizer, tokens)
+    n = len(ids)
+    with torch.no_grad():
+        cap = capture(model, ids)
+        # Queries: evenly spaced over the part of the text that attends to a ring.
+        first = min(n - 1, policy.sinks + policy.block)
+        qidx = torch.linspace(first, n - 1, min(queries, n - first)).round().long().unique()
+        keys, values = [], []
+        for i in range(len(cap.q)):
+            kl, vl = layer_sensitivity(cap, i, policy, qidx, widths)
+            keys.append(tuple(kl))
+            values.append(tuple(vl))
+    from edgekv.quality.text import DEFAULT_TEXT_SOURCE
+
+    meta = {"method": "diagonal-Fisher estimate of the loss increase from each layer's "
+                      "attention output, one side of one layer quantized at a time",
+            "text": DEFAULT_TEXT_SOURCE + ", calibration part (last 25 %)",
+            "tokens": n, "queries": int(len(qidx)), "base_nll": cap.nll,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    return Sensitivity(tuple(widths), tuple(keys), tuple(values), meta)

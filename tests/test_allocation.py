@@ -1,0 +1,59 @@
+import itertools
+import random
+
+import pytest
+
+from edgekv.allocation import WIDTHS, Sensitivity, allocate, uniform_pair
+from edgekv.errors import PolicyError
+
+
+def _random_sens(layers: int, seed: int) -> Sensitivity:
+    """Losses that fall with the width, as quantization noise does (random scale per item)."""
+    rng = random.Random(seed)
+
+    def row():
+        a = rng.uniform(0.001, 1.0)
+        return tuple(a * rng.uniform(0.5, 1.5) / ((1 << w) - 1) ** 2 for w in WIDTHS)
+
+    return Sensitivity(WIDTHS, tuple(row() for _ in range(layers)), tuple(row() for _ in range(layers)))
+
+
+def _brute_force(sens: Sensitivity, target: float) -> float:
+    n = sens.num_layers
+    best = float("inf")
+    for combo in itertools.product(WIDTHS, repeat=2 * n):
+        if sum(combo) <= target * 2 * n + 1e-9:
+            best = min(best, sens.predicted_loss(combo[:n], combo[n:]))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("target", [2.0, 2.5, 3.0, 3.25, 4.0, 6.0])
+def test_knapsack_is_optimal_against_brute_force(seed, target):
+    sens = _random_sens(2, seed)
+    a = allocate(sens, target)
+    assert a.average_bits <= target + 1e-9
+    assert all(b in WIDTHS for b in a.bits_k + a.bits_v)
+    assert a.predicted_loss == pytest.approx(sens.predicted_loss(a.bits_k, a.bits_v), rel=1e-12)
+    assert a.predicted_loss == pytest.approx(_brute_force(sens, target), rel=1e-12)
+
+
+def test_extremes_and_sensitive_side_gets_the_bits():
+    sens = _random_sens(5, 7)
+    assert allocate(sens, 2).bits_k == (2,) * 5 and allocate(sens, 2).bits_v == (2,) * 5
+    assert allocate(sens, 8).bits_k == (8,) * 5 and allocate(sens, 9).bits_v == (8,) * 5
+    with pytest.raises(PolicyError, match="below the smallest width"):
+        allocate(sens, 1.5)
+    # One layer's keys 1000x more sensitive than everything else: it gets the most bits.
+    key = [list(r) for r in sens.key]
+    key[3] = [x * 1000 for x in key[3]]
+    s2 = Sensitivity(WIDTHS, tuple(map(tuple, key)), sens.value)
+    a = allocate(s2, 3)
+    assert a.bits_k[3] == max(a.bits_k + a.bits_v) and a.bits_k[3] > 3
+
+
+def test_uniform_pair():
+    assert uniform_pair(3) == (3, 3) and uniform_pair(16) == (16, 16)
+    assert uniform_pair(2.5) == (3, 2) and uniform_pair(3.5) == (4, 3)
+    with pytest.raises(PolicyError):
+        uniform_pair(5)

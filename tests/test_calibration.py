@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+from edgekv import calibration as cal
+from edgekv.policy import CachePolicy
+from edgekv.reference import quant_torch as qt
+
+POLICY = CachePolicy.uniform(2, 3, sinks=2, window=16, block=8, group=8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fake_quantize_is_the_cache_quantizer(bits):
+    torch.manual_seed(bits)
+    k = torch.randn(3, 4, 8, 16) * 3
+    codes, s, z = qt.quantize_keys(k, bits)
+    assert torch.equal(qt.fake_quantize_keys(k, bits), qt.dequantize_keys(codes, s, z, bits, 8))
+    v = torch.randn(3, 40, 16)
+    codes, s, z = qt.quantize_values(v, bits, 8)
+    assert torch.equal(qt.fake_quantize_values(v, bits, 8), qt.dequantize_values(codes, s, z, bits, 8, 16))
+
+
+def test_visibility_matches_the_cache_rules():
+    n, p = 60, POLICY
+    queries = torch.arange(n)
+    ring, full = cal.visibility(n, queries, p)
+    for t in range(n):
+        for s in range(n):
+            sink = s < p.sinks
+            bt, bs = (t - p.sinks) // p.block, (s - p.sinks) // p.block
+            own = not sink and t >= p.sinks and bs == bt and s <= t
+            in_ring = not sink and t >= p.sinks and 1 <= bt - bs <= p.window // p.block
+            assert bool(full[t, s]) == (s <= t and (sink or own)), (t, s)
+            assert bool(ring[t, s]) == in_ring, (t, s)
+
+
+@pytest.fixture(scope="module")
+def captured(tiny_model):
+    ids = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    return ids, cal.capture(tiny_model, ids)
+
+
+def test_capture_records_projections_loss_and_gradient(tiny_model, captured):
+    ids, cap = captured
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = tiny_model(input_ids=x, labels=x)
+        h = tiny_model.model.embed_tokens(x)
+        h0 = tiny_model.model.layers[0].input_layernorm(h)
+        k0 = tiny_model.model.layers[0].self_attn.k_proj(h0)[0].view(64, 2, 16).transpose(0, 1)
+    assert cap.nll == pytest.approx(float(out.loss), rel=1e-5)
+    assert torch.equal(cap.k[0], k0.to(torch.float16).float())
+    # Directional derivative: nudging layer 1's attention output along u changes the
+    # summed loss by eps * <grad, u> (to first order).
+    u = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    eps = 1e-3
+
+    def summed_loss(delta):
+        hook = tiny_model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
+            lambda _m, a: (a[0] + delta,))
+        try:
+            with torch.no_grad():
+                logits = tiny_model(input_ids=x).logits[0, :-1]
+            return float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        finally:
+            hook.remove()
+
+    fd = (summed_loss(eps * u) - summed_loss(-eps * u)) / (2 * eps)
+    assert fd == pytest.approx(float((cap.grad[1] * u).sum()), rel=2e-2)
+
+
+def _plain_sensitivity(cap, layer, policy, queries, bits):
+    """One query at a time: build exactly the keys/values the cache would show it."""
+    q, k, v, g = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad[layer]
+    hq, n, d = q.shape
+    rep = hq // k.shape[0]
+    sl = cal._quantizable(n, policy)
+    kq, vq = k.clone(), v.clone()
+    nb = (sl.stop - sl.start) // policy.block
+    kq[:, sl] = qt.fake_quantize_keys(k[:, sl].reshape(-1, nb, policy.block, d), bits).reshape(k[:, sl].shape)
+    vq[:, sl] = qt.fake_quantize_values(v[:, sl], bits, policy.group)
+    rope = lambda x, idx: cal._rope(x, cap.cos[idx], cap.sin[idx])  # noqa: E731
+    total_k = total_v = 0.0
+    for t in queries.tolist():
+        ring, full = cal.visibility(n, torch.tensor([t]), policy)
+        idx = torch.nonzero(ring[0] | full[0]).flatten()
+        quant = ring[0][idx]
+        qt_ = rope(q[:, t:t + 1], [t]) / d**0.5
+
+        def out(keys, vals):
+            kk = rope(keys[:, idx], idx).repeat_interleave(rep, 0)
+            p = torch.softmax(qt_ @ kk.transpose(-1, -2), -1)
+            return p @ vals[:, idx].repeat_interleave(rep, 0)
+
+        ref = out(k, v)
+        k_mixed = torch.where(quant[None, :, None], kq[:, idx], k[:, idx])
+        v_mixed = torch.where(quant[None, :, None], vq[:, idx], v[:, idx])
+        kk_full, vv_full = k.clone(), v.clone()
+        kk_full[:, idx], vv_full[:, idx] = k_mixed, v_mixed
+        gt = g[t].view(hq, 1, d) ** 2
+        total_k += float((gt * (out(kk_full, v) - ref) ** 2).sum())
+        total_v += float((gt * (out(k, vv_full) - ref) ** 2).sum())
+    norm = 0.5 * (n / len(queries)) / (n - 1)
+    return norm * total_k, norm * total_v
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_layer_sensitivity_matches_a_per_query_reference(captured, layer):
+    _, cap = captured
+    queries = torch.arange(10, 64, 3)
+    k_loss, v_loss = cal.layer_sensitivity(cap, layer, POLICY, queries)
+    for j, bits in enumerate((2, 3, 4, 8)):
+        pk, pv = _plain_sensitivity(cap, layer, POLICY, queries, bits)
+        assert k_loss[j] == pytest.approx(pk, rel=1e-4, abs=1e-12)
+        assert v_loss[j] == pytest.approx(pv, rel=1e-4, abs=1e-12)
+    assert k_loss[0] > k_loss[1] > k_loss[2] > k_loss[3] > 0  # coarser codes lose more
+
+
+def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
+    from edgekv.cli import main
+
+    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
+    out = tmp_path / "cal"
+    assert main(["export", str(tiny_model_dir), "-o", str(out), "--bits", "2.5", *args]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    a, p = m["allocation"], m["policy"]
+    assert a["layout"] == "calibrated" and a["target_bits"] == 2.5
+    assert a["average_bits"] == p["average_bits"] <= 2.5
+    assert set(p["bits_k"] + p["bits_v"]) <= {2, 3, 4, 8} and a["calibration"]["tokens"] > 100
+    assert m["cache"]["bits_per_element_with_metadata"] == pytest.approx(p["average_bits"] + 4)  # 2 fp16 per 8 elements
+    out2 = tmp_path / "uni"
+    assert main(["export", str(tiny_model_dir), "-o", str(out2), "--bits", "2.5",
+                 "--bits-layout", "uniform", *args]) == 0
+    m2 = json.loads((out2 / "manifest.json").read_text())
+    assert m2["policy"]["bits_k"] == [3, 3] and m2["policy"]["bits_v"] == [2, 2]
+    assert m2["allocation"]["layout"] == "given"
