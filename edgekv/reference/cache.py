@@ -29,6 +29,9 @@ class CompressedKVCache:
         # A window-less cache starts at `context` tokens (or one block) and grows.
         self._context = context if policy.window is not None else max(context or 0, policy.sinks + policy.block)
         self.layers = [self._allocate(i) for i in range(shape.num_layers)]
+        # Experiment (edgekv.rotation): Hadamard-rotate K and/or V before quantizing and
+        # un-rotate on read. Off by default; not in the bundle format.
+        self.rotation: dict[str, torch.Tensor] = {}
         self.n_sink = 0
         self.n_res = 0
         self.blocks_pushed = 0
@@ -116,6 +119,10 @@ class CompressedKVCache:
         else:
             ring_v = qt.dequantize_values(c["ring_v_codes"][:, :, tok], c["ring_v_scale"][:, :, tok],
                                           c["ring_v_zero"][:, :, tok], bv, p.group, d)
+        if "k" in self.rotation and bk != 16:
+            ring_k = ring_k @ self.rotation["k"].T
+        if "v" in self.rotation and bv != 16:
+            ring_v = ring_v @ self.rotation["v"].T
         k = torch.cat([c["sink_k"][:, :, :self.n_sink].float(), ring_k,
                        c["residual_k"][:, :, :self.n_res].float()], dim=2)
         v = torch.cat([c["sink_v"][:, :, :self.n_sink].float(), ring_v,
@@ -150,6 +157,10 @@ class CompressedKVCache:
         b = p.block
         bk, bv = p.bits_k[layer], p.bits_v[layer]
         rk, rv = c["residual_k"], c["residual_v"]
+        if "k" in self.rotation and bk != 16:
+            rk = rk.float() @ self.rotation["k"]
+        if "v" in self.rotation and bv != 16:
+            rv = rv.float() @ self.rotation["v"]
         if bk == 16:
             c["ring_k"][:, :, slot] = rk
         else:

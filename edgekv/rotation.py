@@ -1,0 +1,23 @@
+"""Hadamard rotation of K/V along head_dim before quantizing (QuaRot / llama.cpp style).
+
+An orthonormal Hadamard matrix spreads an outlier channel over all channels, so min/max
+groups get a narrower range. For values it is free at attention time (rotate the stored
+values; un-rotate the attention output once, since P @ (V H) = (P @ V) H). For keys it is
+not: keys are stored pre-RoPE and RoPE does not commute with H, so dequantized keys must
+be un-rotated (a D x D matmul per cached token) before RoPE. Measured in the reference
+only (BENCHMARKS.md); not part of the bundle format.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hadamard(n: int) -> np.ndarray:
+    """Orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two): H @ H.T = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
