@@ -2,7 +2,7 @@
 2-bit caches with K, V or both rotated along head_dim before quantizing, each against the
 fp16 cache with the same window measured in the same run.
 
-    .venv/bin/python bench/rotation.py [--max-tokens 3072] [--json OUT]
+    .venv/bin/python bench/rotation.py [--max-tokens 2048] [--sequences 2] [--json OUT]
 """
 
 import argparse
@@ -13,7 +13,8 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-tokens", type=int, default=3072)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--sequences", type=int, default=2)
     ap.add_argument("--bits", default="3,2")
     ap.add_argument("--json", default="bench/results/rotation-smollm2.json")
     args = ap.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
             return c
         ref.new_cache = new_cache
         t0 = time.perf_counter()
-        ppl = perplexity(ref, ids).ppl
+        ppl = perplexity(ref, ids, sequences=args.sequences).ppl
         rows.append({"bits": bits, "rotate": "".join(rotate) or "none", "ppl": ppl,
                      "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
@@ -55,7 +56,7 @@ def main() -> None:
     for r in rows:
         r["delta_pct"] = 100 * (r["ppl"] / base - 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"tokens": len(ids), "rows": rows}, indent=2))
+    Path(args.json).write_text(json.dumps({"tokens": len(ids), "sequences": args.sequences, "rows": rows}, indent=2))
     print("| bits | rotated | ppl | Δppl vs fp16 W1024 |\n|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['bits']} | {r['rotate']} | {r['ppl']:.3f} | {r['delta_pct']:+.2f} % |")
