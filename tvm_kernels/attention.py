@@ -28,23 +28,41 @@ from tvm import te, tirx
 
 from edgekv.tvm_kernels.params import AttnParams
 
-F32, F16, U8, U32, I32 = "float32", "float16", "uint8", "uint32", "int32"
+F32, F16, U8, I32 = "float32", "float16", "uint8", "int32"
 
 
 def _word(load, base, nbytes: int):
-    """Little-endian word of `nbytes` consecutive bytes load(base + j)."""
-    w = load(base).astype(U32)
+    """Little-endian word of `nbytes` consecutive bytes load(base + j). int32, not uint32:
+    x86 before AVX-512 has no vector uint32->float conversion (the mask below makes
+    an arithmetic shift harmless)."""
+    w = load(base).astype(I32)
     for j in range(1, nbytes):
-        w = w | (load(base + j).astype(U32) << tirx.const(8 * j, U32))
+        w = w | (load(base + j).astype(I32) << tirx.const(8 * j, I32))
     return w
 
 
 def _code(load, unit, lane, bits: int):
     """Code `unit*8 + lane` of a packed stream: 8 codes fill `bits` bytes."""
     if bits == 8:
-        return load(unit * 8 + lane).astype(U32)
+        return load(unit * 8 + lane).astype(I32)
     w = _word(load, unit * bits, bits)
-    return (w >> (lane * bits).astype(U32)) & tirx.const((1 << bits) - 1, U32)
+    return (w >> (lane * bits).astype(I32)) & tirx.const((1 << bits) - 1, I32)
+
+
+def _exp(x):
+    """exp for x <= 0 (scores minus their max) as Cephes' expf: n = round(x/ln2),
+    a degree-7 polynomial of the remainder, 2^n by building the exponent bits. Plain
+    arithmetic, so it vectorises (llvm calls scalar expf per lane otherwise); relative
+    error ~1e-7."""
+    x = tirx.max(x, tirx.const(-87.0, F32))  # exp(-87) ~ 1.6e-38: the smallest normal range
+    n = tirx.floor(x * tirx.const(1.44269504088896341, F32) + tirx.const(0.5, F32))
+    r = x - n * tirx.const(0.693359375, F32) - n * tirx.const(-2.12194440e-4, F32)
+    y = tirx.const(1.9875691500e-4, F32)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        y = y * r + tirx.const(c, F32)
+    y = y * (r * r) + r + tirx.const(1.0, F32)
+    bits = (n.astype(I32) + tirx.const(127, I32)) << tirx.const(23, I32)
+    return y * tirx.reinterpret(F32, bits)
 
 
 def attention_te(p: AttnParams) -> list[te.Tensor]:
@@ -90,18 +108,19 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
             lambda x: codes[0, i, m, hf * d2 + e, x], t, l, bk).astype(F32)
             * ksc[0, i, m, hf * d2 + e].astype(F32) + kz[0, i, m, hf * d2 + e].astype(F32), name="kdeq")
 
-    def rot(src, i, m, hf, e, t, l, cs, sn):
-        other = src[i, m, 1 - hf, e, t, l]
-        return src[i, m, hf, e, t, l] * cs + tirx.Select(hf == 0, -other, other) * sn
+    # RoPE at p0 + t is a rotation R(p0) R(t): keys get only the in-block R(t) (a constant
+    # table), the query gets R(p0)^T once per block: 2 ops per key element instead of 6.
+    def qrot(i, m, j, k, hf, e):
+        a, b_ = qs[i, j, k, e], qs[i, j, k, d2 + e]
+        cs, sn = blk_cos[m, e], blk_sin[m, e]
+        return tirx.Select(hf == 0, a * cs + b_ * sn, b_ * cs - a * sn)
 
-    def ring_angle(m, e, t, l):
-        bc, bs, oc, os_ = blk_cos[m, e], blk_sin[m, e], off_cos[e, t * 8 + l], off_sin[e, t * 8 + l]
-        return bc * oc - bs * os_, bs * oc + bc * os_
-
-    kr = te.compute((h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: rot(kd, i, m, hf, e, t, l, *ring_angle(m, e, t, l)), name="krot")
+    qb = te.compute((h, n, r, c, 2, d2), qrot, name="q_blk")
+    kr = te.compute((h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: kd[i, m, hf, e, t, l] * off_cos[e, t * 8 + l]
+                    + tirx.Select(hf == 0, -kd[i, m, 1, e, t, l], kd[i, m, 0, e, t, l]) * off_sin[e, t * 8 + l], name="krot")
     rh, re_ = te.reduce_axis((0, 2), name="rh"), te.reduce_axis((0, d2), name="re")
     sr = te.compute((h, r, c, n, u, 8), lambda i, j, k, m, t, l: te.sum(
-        qs[i, j, k, rh * d2 + re_] * kr[i, m, rh, re_, t, l], axis=[rh, re_]), name="score_ring")
+        qb[i, m, j, k, rh, re_] * kr[i, m, rh, re_, t, l], axis=[rh, re_]), name="score_ring")
 
     # ---- residual and sinks (fp16, small) -------------------------------------------------
     def fp16_rot(src, i, tok, e, cs, sn):
@@ -151,9 +170,9 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
 
     mx = te.compute((h, r, c), _max, name="max")
     er = te.compute((h, r, c, n, u, 8), lambda i, j, k, m, t, l: tirx.Select(
-        ring_ok(m), tirx.exp(sr[i, j, k, m, t, l] - mx[i, j, k]), zero32), name="p_ring")
+        ring_ok(m), _exp(sr[i, j, k, m, t, l] - mx[i, j, k]), zero32), name="p_ring")
     ep = te.compute((h, r, c, b), lambda i, j, k, tok: tirx.Select(
-        res_ok(k, tok), tirx.exp(se[i, j, k, tok] - mx[i, j, k]), zero32), name="p_res")
+        res_ok(k, tok), _exp(se[i, j, k, tok] - mx[i, j, k]), zero32), name="p_res")
     sm, st = te.reduce_axis((0, n), name="sm"), te.reduce_axis((0, u), name="st")
     lr_part = te.compute((h, r, c, 8), lambda i, j, k, l: te.sum(er[i, j, k, sm, st, l], axis=[sm, st]), name="sum_ring_part")
     sl, sres = te.reduce_axis((0, 8), name="sl"), te.reduce_axis((0, b), name="sres")
@@ -161,7 +180,7 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
             te.compute((h, r, c), lambda i, j, k: te.sum(ep[i, j, k, sres], axis=sres), name="sum_res")]
     if s:
         es_ = te.compute((h, r, c, s), lambda i, j, k, tok: tirx.Select(
-            sink_ok(tok), tirx.exp(ss[i, j, k, tok] - mx[i, j, k]), zero32), name="p_sink")
+            sink_ok(tok), _exp(ss[i, j, k, tok] - mx[i, j, k]), zero32), name="p_sink")
         ssn = te.reduce_axis((0, s), name="ssn")
         sums.append(te.compute((h, r, c), lambda i, j, k: te.sum(es_[i, j, k, ssn], axis=ssn), name="sum_sink"))
 
