@@ -41,7 +41,9 @@ def _blocks(sch: Schedule) -> set[str]:
 def _scores(sch: Schedule, p: AttnParams) -> None:
     blk = sch.get_sblock("score_ring")
     i, j, k, m, t, lane, rh, re = sch.get_loops(blk)
-    sch.reorder(i, m, j, k, t, rh, re, lane)
+    # register blocking: for each channel, every query head x token unit of the block
+    # accumulates (R*C*B/8 vector accumulators), so a key vector is loaded once per head
+    sch.reorder(i, m, rh, re, j, k, t, lane)
     par = sch.fuse(i, m)
     sch.parallel(par)
     for name in ("krot", "kdeq", "q_blk"):
@@ -49,7 +51,10 @@ def _scores(sch: Schedule, p: AttnParams) -> None:
         sch.compute_at(b, par)
         sch.vectorize(sch.get_loops(b)[-1])
     sch.vectorize(lane)
-    sch.decompose_reduction(blk, j)
+    if p.rep * p.chunk * p.block // 8 <= 16:
+        for loop in (j, k, t):
+            sch.unroll(loop)
+    sch.decompose_reduction(blk, rh)
 
 
 def _softmax(sch: Schedule, p: AttnParams) -> None:
@@ -74,8 +79,10 @@ def _values(sch: Schedule, p: AttnParams) -> None:
     omo, omi = sch.split(om, [parts, None])
     rf = sch.rfactor(omo, 0)  # pv_ring_rf[omo, i, j, k, x, lane], same loops as pv_ring
     i2, j2, k2, x2, l2, po, omi2, ot2 = sch.get_loops(rf)
-    # accumulate each output vector over the block's tokens in a register
-    sch.reorder(po, i2, omi2, j2, k2, x2, ot2, l2)
+    # per token: one probability broadcast, D/8 value vectors into D/8 register accumulators
+    sch.reorder(po, i2, omi2, j2, k2, ot2, x2, l2)
+    if p.head_dim // 8 <= 16:
+        sch.unroll(x2)
     par = sch.fuse(po, i2)
     sch.parallel(par)
     sch.compute_at(sch.get_sblock("vdeq"), omi2)
