@@ -39,10 +39,46 @@ def schedule(func, target: tvm.target.Target, cpu_rule: Callable | None = None) 
     return mod  # plain loops: correct, slow
 
 
+def scheduled_attention(p: AttnParams, target: tvm.target.Target):
+    """The scheduled PrimFunc (keeps its global_symbol, for libraries of many kernels)."""
+    return schedule(attention_func(p), target, lambda sch: schedule_cpu.attention(sch, p, target))["main"]
+
+
+def scheduled_pack(p: PackParams, side: str, target: tvm.target.Target):
+    return schedule(pack_func(p, side), target, schedule_cpu.pack)["main"]
+
+
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Module:
+    return tvm.compile(mod, target=target)
+
+
+def cuda_source(lib: tvm.runtime.Module) -> str:
+    """The CUDA C++ of a built CUDA module. TVM 0.27 keeps device code as source in the
+    module and compiles it when the module is loaded on a GPU."""
+    mod = lib.mod if hasattr(lib, "mod") else lib
+    return "\n\n".join(m.inspect_source("cuda") for m in mod.imports if m.kind == "cuda")
+
+
+def nvcc_fatbin(source: str, target: tvm.target.Target) -> bytes:
+    """Ahead-of-time nvcc compile of generated CUDA source for the target's sm_XX (proves
+    the code compiles for that arch; the bytes can ship beside the library). Without
+    --use_fast_math (TVM's nvcc default): the pack kernel's division must be IEEE to
+    stay bit exact with the reference."""
+    import os
+
+    from tvm.support import nvcc
+
+    num = str(target.attrs["arch"]).removeprefix("sm_")
+    os.environ.setdefault("TVM_CUDA_NVCC_NO_FAST_MATH", "1")
+    with target:
+        return nvcc.compile_cuda(source, target_format="fatbin", compiler="nvcc",
+                                 arch=["-gencode", f"arch=compute_{num},code=sm_{num}"])
+
+
 def _compile(key: str, func, target: tvm.target.Target, cpu_rule) -> tvm.runtime.Module:
     ck = (key, str(target))
     if ck not in _CACHE:
-        _CACHE[ck] = tvm.compile(schedule(func, target, cpu_rule), target=target)
+        _CACHE[ck] = compile_module(schedule(func, target, cpu_rule), target)
     return _CACHE[ck]
 
 
