@@ -195,6 +195,12 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_compile(sub) -> None:
+    from edgekv.tvm_kernels.compile_bundle import add_compile  # imports tvm only when run
+
+    add_compile(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgekv",
@@ -209,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat(sub)
     add_plan(sub)
     _add_eval(sub)
+    _add_compile(sub)
     return p
 
 

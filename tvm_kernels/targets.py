@@ -18,14 +18,18 @@ import tvm
 CUDA_ARCHS = ("sm_86", "sm_87", "sm_89", "sm_90")
 
 
-def host_target(num_cores: int | None = None) -> tvm.target.Target:
+def host_spec(num_cores: int | None = None) -> dict[str, Any]:
     """The machine we run on, with LLVM's own name for its CPU."""
     mcpu = tvm.target.codegen.llvm_get_system_cpu() if hasattr(tvm.target, "codegen") else None
     spec: dict[str, Any] = {"kind": "llvm", "mtriple": f"{platform.machine()}-linux-gnu"}
     if mcpu and mcpu != "generic":
         spec["mcpu"] = mcpu
     spec["num-cores"] = num_cores or os.cpu_count() or 1
-    return tvm.target.Target(spec)
+    return spec
+
+
+def host_target(num_cores: int | None = None) -> tvm.target.Target:
+    return tvm.target.Target(host_spec(num_cores))
 
 
 def device_spec(name: str) -> dict[str, Any]:
