@@ -19,7 +19,8 @@ from edgekv.files import sha256
 
 
 def compile_bundle(bundle: str | Path, device: str) -> dict:
-    from edgekv.runtime.bundle import MANIFEST, manifest_policy, read_manifest
+    from edgekv.bundle_format import MANIFEST
+    from edgekv.runtime.bundle import manifest_policy, read_manifest
 
     try:
         import tvm
