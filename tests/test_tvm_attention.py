@@ -49,3 +49,18 @@ def test_prefill_chunk_is_causal(bits):
     for fill in (S, S + 2 * B + 8, S + 9 * B):  # chunks start on chunk boundaries
         params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=8, seed=fill)
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
+
+
+def test_tuning_records_apply_and_match_reference():
+    """devices/tuning/cpu-x86_64 holds MetaSchedule records for SmolLM2's 3-bit decode
+    kernel (window 1024); the recorded schedule is found and computes the same attention."""
+    from edgekv.tvm_kernels.attention import attention_func
+    from edgekv.tvm_kernels.tune import tuned_schedule
+
+    pol = CachePolicy.uniform(1, 3, sinks=4, window=1024, block=32, group=32)
+    params, args, ref = kernel_case(pol, KVShape(1, 3, 64), 9, 4 + 40 * 32 + 5, seed=3)  # wrapped ring
+    assert tuned_schedule(attention_func(params), host_target(), "cpu-x86_64") is not None
+    lib = build_attention(params, host_target(), device="cpu-x86_64")
+    out = tvm.runtime.empty(ref.shape, "float32")
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    np.testing.assert_allclose(out.numpy(), ref, atol=TOL, rtol=0)

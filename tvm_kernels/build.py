@@ -27,9 +27,17 @@ def _dlight(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return dl.ApplyDefaultSchedule(*rules)(mod)
 
 
-def schedule(func, target: tvm.target.Target, cpu_rule: Callable | None = None) -> tvm.IRModule:
-    """A scheduled IRModule: rules match or return None, the generic fallback comes last."""
+def schedule(func, target: tvm.target.Target, cpu_rule: Callable | None = None,
+             device: str | None = None) -> tvm.IRModule:
+    """A scheduled IRModule. First match wins: the device's tuning records
+    (devices/tuning/<device>/), the hand CPU rule, dlight on GPUs, plain loops."""
     mod = tvm.IRModule({"main": func})
+    if device is not None:
+        from edgekv.tvm_kernels.tune import tuned_schedule
+
+        sch = tuned_schedule(func, target, device)
+        if sch is not None:
+            return sch.mod
     if is_gpu(target):
         return _dlight(mod, target)
     if cpu_rule is not None:
@@ -39,9 +47,9 @@ def schedule(func, target: tvm.target.Target, cpu_rule: Callable | None = None) 
     return mod  # plain loops: correct, slow
 
 
-def scheduled_attention(p: AttnParams, target: tvm.target.Target):
+def scheduled_attention(p: AttnParams, target: tvm.target.Target, device: str | None = None):
     """The scheduled PrimFunc (keeps its global_symbol, for libraries of many kernels)."""
-    return schedule(attention_func(p), target, lambda sch: schedule_cpu.attention(sch, p, target))["main"]
+    return schedule(attention_func(p), target, lambda sch: schedule_cpu.attention(sch, p, target), device)["main"]
 
 
 def scheduled_pack(p: PackParams, side: str, target: tvm.target.Target):
@@ -75,10 +83,10 @@ def nvcc_fatbin(source: str, target: tvm.target.Target) -> bytes:
                                  arch=["-gencode", f"arch=compute_{num},code=sm_{num}"])
 
 
-def _compile(key: str, func, target: tvm.target.Target, cpu_rule) -> tvm.runtime.Module:
+def _compile(key: str, func, target: tvm.target.Target, cpu_rule, device: str | None = None) -> tvm.runtime.Module:
     ck = (key, str(target))
     if ck not in _CACHE:
-        _CACHE[ck] = compile_module(schedule(func, target, cpu_rule), target)
+        _CACHE[ck] = compile_module(schedule(func, target, cpu_rule, device), target)
     return _CACHE[ck]
 
 
@@ -86,6 +94,9 @@ def build_pack(p: PackParams, side: str, target: tvm.target.Target) -> tvm.runti
     return _compile(f"pack_{side}_{p.key}", pack_func(p, side), target, schedule_cpu.pack)
 
 
-def build_attention(p: AttnParams, target: tvm.target.Target, tuned: bool = True) -> tvm.runtime.Module:
+def build_attention(p: AttnParams, target: tvm.target.Target, tuned: bool = True,
+                    device: str | None = None) -> tvm.runtime.Module:
+    """tuned=False: plain loops (a baseline); device: also look up its tuning records."""
     rule = (lambda sch: schedule_cpu.attention(sch, p, target)) if tuned else None
-    return _compile(f"attn_{p.key}_{'t' if tuned else 'p'}", attention_func(p), target, rule)
+    return _compile(f"attn_{p.key}_{'t' if tuned else 'p'}_{device}", attention_func(p), target, rule,
+                    device if tuned else None)

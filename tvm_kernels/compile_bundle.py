@@ -38,10 +38,12 @@ def compile_bundle(bundle: str | Path, device: str) -> dict:
     except FileNotFoundError:
         raise EdgekvError(f"unknown device {device!r} (a devices/*.json profile name, or 'host')") from None
     target = tvm.target.Target(spec)
+    # `host` on an x86_64 machine uses the cpu-x86_64 profile's tuning records
+    records = "cpu-x86_64" if device == "host" and spec["mtriple"].startswith("x86_64") else device
     rel = f"tvm/{device}.so"
     (path / "tvm").mkdir(exist_ok=True)
     info = export(policy, shape, int(manifest["model"]["num_heads"]), int(manifest["graphs"]["prefill_chunk"]),
-                  target, str(path / rel))
+                  target, str(path / rel), device=records)
     rels = [str(Path(f).relative_to(path)) for f in info["files"]]
     for r in rels:
         manifest["files"][r] = {"sha256": sha256(path / r), "bytes": (path / r).stat().st_size}

@@ -39,7 +39,7 @@ def kernel_names(policy: CachePolicy) -> KernelSet:
 
 
 def build_module(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int,
-                 target: tvm.target.Target) -> tvm.IRModule:
+                 target: tvm.target.Target, device: str | None = None) -> tvm.IRModule:
     """All kernels of the policy, scheduled for `target`, in one IRModule."""
     names = kernel_names(policy)
     funcs = {}
@@ -47,7 +47,7 @@ def build_module(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int
         layer = next(i for i in range(policy.num_layers) if (policy.bits_k[i], policy.bits_v[i]) == (bk, bv))
         for ch, nm in ((1, name), (chunk, names.prefill[(bk, bv)])):
             p = attn_params(policy, shape, layer, num_heads, chunk=ch)
-            funcs[nm] = scheduled_attention(p, target).with_attr("global_symbol", nm)
+            funcs[nm] = scheduled_attention(p, target, device).with_attr("global_symbol", nm)
     for (side, bits), name in names.pack.items():
         layer = next(i for i in range(policy.num_layers)
                      if (policy.bits_k if side == "k" else policy.bits_v)[i] == bits)
@@ -76,10 +76,10 @@ def fcompile_for(target: tvm.target.Target):
 
 
 def export(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int,
-           target: tvm.target.Target, path: str) -> dict[str, object]:
+           target: tvm.target.Target, path: str, device: str | None = None) -> dict[str, object]:
     """Compile and write the library to `path` (plus `path`.fatbin, nvcc's build of the
     device code, for CUDA targets). Returns the files written and the function names."""
-    mod = build_module(policy, shape, num_heads, chunk, target)
+    mod = build_module(policy, shape, num_heads, chunk, target, device)
     lib = compile_module(mod, target)
     fcompile = fcompile_for(target)
     if fcompile is None:

@@ -72,10 +72,13 @@ def _softmax(sch: Schedule, p: AttnParams) -> None:
     sch.vectorize(lane)
 
 
-def _values(sch: Schedule, p: AttnParams) -> None:
+def _values(sch: Schedule, p: AttnParams, sample: bool = False) -> None:
     blk = sch.get_sblock("pv_ring")
     i, j, k, x, lane, om, ot = sch.get_loops(blk)
-    parts = PARTS if p.slots % PARTS == 0 else 1
+    if sample:  # the MetaSchedule knob (tune.py): how many ring partitions P.V splits into
+        parts = sch.sample_perfect_tile(om, n=2)[0]
+    else:
+        parts = PARTS if p.slots % PARTS == 0 else 1
     omo, omi = sch.split(om, [parts, None])
     rf = sch.rfactor(omo, 0)  # pv_ring_rf[omo, i, j, k, x, lane], same loops as pv_ring
     i2, j2, k2, x2, l2, po, omi2, ot2 = sch.get_loops(rf)
@@ -92,10 +95,10 @@ def _values(sch: Schedule, p: AttnParams) -> None:
     sch.decompose_reduction(rf, omi2)
 
 
-def attention(sch: Schedule, p: AttnParams, target: tvm.target.Target) -> Schedule | None:
+def attention(sch: Schedule, p: AttnParams, target: tvm.target.Target, sample: bool = False) -> Schedule | None:
     if target.kind.name != "llvm":
         return None
     _scores(sch, p)
     _softmax(sch, p)
-    _values(sch, p)
+    _values(sch, p, sample)
     return sch
