@@ -43,9 +43,9 @@ def test_decode_original_positions_and_no_sinks():
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
 
 
-@pytest.mark.parametrize("bits", [3, 16])
-def test_prefill_chunk_is_causal(bits):
-    pol = CachePolicy.uniform(1, bits, sinks=S, window=W, block=B, group=16)
+@pytest.mark.parametrize("bits_k,bits_v", [(3, 3), (16, 16), (2, 4), (8, 2)])
+def test_prefill_chunk_is_causal(bits_k, bits_v):
+    pol = CachePolicy.uniform(1, bits_k=bits_k, bits_v=bits_v, sinks=S, window=W, block=B, group=16)
     for fill in (S, S + 2 * B + 8, S + 9 * B):  # chunks start on chunk boundaries
         params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=8, seed=fill)
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
