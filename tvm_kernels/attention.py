@@ -14,8 +14,9 @@ Inputs (batch 1, the buffers exactly as CachePolicy.layer_tensors lists them):
   tokens included; query c sees the first counts[2] - (C-1-c)).
 Output: o [1,Hq,C,D] f32.
 
-Keys are dequantized and rotated one block tile at a time (cos(p0+t) from the block angle
-and the offset angle), never as a whole fp32 cache. Token axes are split (unit, lane of
+Keys are dequantized one block tile at a time, never as a whole fp32 cache. RoPE at
+p0 + t is R(p0)R(t): the tile gets the in-block rotation R(t), the query R(p0)^T once per
+block (docs/ARCHITECTURE.md, "TVM kernels"). Token axes are split (unit, lane of
 8): 8 codes of b bits are b bytes, read as one little-endian word and unpacked by
 constant shifts, so a vectorised lane loop needs no gathers. Softmax subtracts the max.
 """
