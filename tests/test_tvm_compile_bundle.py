@@ -37,3 +37,10 @@ def test_compile_adds_library(tiny_model, tiny_model_dir, tmp_path, capsys):
         f.write(bytes([byte ^ 0xFF]))
     with pytest.raises(BundleError, match="tvm/host.so"):
         open_bundle(b)
+
+
+def test_compile_unknown_device_is_a_clear_error(tiny_model, tiny_model_dir, tmp_path, capsys):
+    policy = CachePolicy.uniform(2, 3, window=32, sinks=4, block=8, group=8)
+    b = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
+    assert main(["compile", str(b), "--device", "no-such-board"]) == 2
+    assert "unknown device 'no-such-board'" in capsys.readouterr().err

@@ -42,8 +42,11 @@ def compile_bundle(bundle: str | Path, device: str) -> dict:
     records = "cpu-x86_64" if device == "host" and spec["mtriple"].startswith("x86_64") else device
     rel = f"tvm/{device}.so"
     (path / "tvm").mkdir(exist_ok=True)
-    info = export(policy, shape, int(manifest["model"]["num_heads"]), int(manifest["graphs"]["prefill_chunk"]),
-                  target, str(path / rel), device=records)
+    try:
+        info = export(policy, shape, int(manifest["model"]["num_heads"]), int(manifest["graphs"]["prefill_chunk"]),
+                      target, str(path / rel), device=records)
+    except (ValueError, RuntimeError) as e:  # unsupported geometry, missing cross compiler / nvcc
+        raise EdgekvError(f"cannot compile TVM kernels for {device}: {e}") from None
     rels = [str(Path(f).relative_to(path)) for f in info["files"]]
     for r in rels:
         manifest["files"][r] = {"sha256": sha256(path / r), "bytes": (path / r).stat().st_size}
