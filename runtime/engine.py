@@ -167,9 +167,11 @@ class Engine:
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | DeviceProfile = "cpu", budget: str | int | None = None,
-             backend: str = "ort", threads: int | None = None, verify: bool = True) -> "Engine":
+             backend: str = "ort", threads: int | None = None, verify: bool = True,
+             profile_prefix: str | None = None) -> "Engine":
         """Open and verify `bundle`, check it fits `budget` (default: the device's share of
-        its memory) and allocate everything. Raises an EdgekvError subclass if not."""
+        its memory) and allocate everything. Raises an EdgekvError subclass if not.
+        profile_prefix turns on onnxruntime's per-node profiler (traces written there)."""
         if backend != "ort":
             raise EngineError(f"backend {backend!r} is not available; this runtime has 'ort' (onnxruntime)")
         b = open_bundle(bundle, verify=verify)
@@ -180,7 +182,7 @@ class Engine:
 
         providers = _providers(dev, available_providers(), explicit=device == "cuda")
         state = CacheState(b.policy, b.shape, b.cache_tensors, (1, b.prefill_chunk))
-        ort_backend = OrtBackend(b, state, providers, threads)
+        ort_backend = OrtBackend(b, state, providers, threads, profile_prefix)
         tok = BundleTokenizer(b.path, b.model.get("eos_token_id"))
         return cls(b, ort_backend, state, tok, the_plan, dev)
 
