@@ -54,20 +54,23 @@ class Measurement:
     device_mem_bytes: int | None = None
     ops: dict | None = None       # top onnxruntime operators by graph (--ops)
     ttft_ms_runs: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the first run's tokens (greedy: every run's)
 
 
-def timed_stream(tokens: Iterable[int], progress: Progress | None = None) -> tuple[float, list[float], int]:
-    """Consume a token stream: (TTFT s, decode gaps s, token count). The clock starts
+def timed_stream(tokens: Iterable[int], progress: Progress | None = None) -> tuple[float, list[float], list[int]]:
+    """Consume a token stream: (TTFT s, decode gaps s, the tokens). The clock starts
     when this is called, so create the stream lazily (a generator) or right before."""
     t0 = time.perf_counter()
     stamps: list[float] = []
-    for _ in tokens:
+    out: list[int] = []
+    for tok in tokens:
         stamps.append(time.perf_counter())
+        out.append(int(tok))
         if progress:
             progress(1)
     if not stamps:
-        return 0.0, [], 0
-    return stamps[0] - t0, list(np.diff(stamps)), len(stamps)
+        return 0.0, [], []
+    return stamps[0] - t0, list(np.diff(stamps)), out
 
 
 def reset_peak_rss() -> bool:
@@ -98,10 +101,10 @@ def device_memory() -> int | None:
         return None
 
 
-def summarize(prompt_len: int, gen: int, runs: Sequence[tuple[float, list[float], int]], peak: int,
+def summarize(prompt_len: int, gen: int, runs: Sequence[tuple[float, list[float], list[int]]], peak: int,
               rss: int, kv_bytes: int) -> Measurement:
     """A Measurement from timed_stream results of repeated runs."""
-    counts = {n for _, _, n in runs}
+    counts = {len(t) for _, _, t in runs}
     if len(counts) != 1:
         raise EdgekvError(f"runs at prompt length {prompt_len} produced different token counts {sorted(counts)}")
     ttfts = [t for t, _, _ in runs]
@@ -114,10 +117,10 @@ def summarize(prompt_len: int, gen: int, runs: Sequence[tuple[float, list[float]
         decode_ms_p50=float(p50), decode_ms_p90=float(p90), decode_ms_p99=float(p99),
         decode_tok_s=float(gaps.size / gaps.sum()) if gaps.size and gaps.sum() > 0 else 0.0,
         peak_rss_bytes=peak, rss_bytes=rss, kv_bytes=kv_bytes, device_mem_bytes=device_memory(),
-        ttft_ms_runs=[t * 1000 for t in ttfts])
+        ttft_ms_runs=[t * 1000 for t in ttfts], tokens=list(runs[0][2]))
 
 
-def measure(run_once: Callable[[Sequence[int], int, Progress | None], tuple[float, list[float], int]],
+def measure(run_once: Callable[[Sequence[int], int, Progress | None], tuple[float, list[float], list[int]]],
             prompts: dict[int, list[int]], gen: int, repeat: int, warmup: int,
             kv_bytes: Callable[[], int], progress: Progress | None = None) -> list[Measurement]:
     """The measurement loop every backend shares: warm-up runs, then per prompt length

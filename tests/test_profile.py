@@ -34,6 +34,13 @@ def bundles(tiny_model, tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def onnx_baseline(tiny_model, tmp_path_factory):
+    from edgekv.export.baseline_onnx import export_past_kv
+
+    return export_past_kv(tiny_model, tmp_path_factory.mktemp("onnx")).parent
+
+
 def test_profile_engine_counts_and_percentiles(bundles):
     engine = Engine.load(bundles[3])
     prompts = {5: list(range(10, 15)), 100: [i % 90 for i in range(100)]}  # 100 > window: eviction
@@ -53,8 +60,9 @@ def test_summarize_rejects_uneven_runs():
     from edgekv.errors import EdgekvError
 
     with pytest.raises(EdgekvError, match="different token counts"):
-        summarize(4, 3, [(0.1, [0.01, 0.02], 3), (0.1, [0.01], 2)], 1, 1, 0)
-    m = summarize(4, 3, [(0.2, [0.01, 0.03], 3), (0.4, [0.02, 0.04], 3)], 10, 5, 7)
+        summarize(4, 3, [(0.1, [0.01, 0.02], [1, 2, 3]), (0.1, [0.01], [1, 2])], 1, 1, 0)
+    m = summarize(4, 3, [(0.2, [0.01, 0.03], [5, 6, 7]), (0.4, [0.02, 0.04], [5, 6, 7])], 10, 5, 7)
+    assert m.tokens == [5, 6, 7] and m.new_tokens == 3
     assert m.ttft_ms == pytest.approx(300) and m.decode_tok_s == pytest.approx(4 / 0.1)
     assert m.decode_ms_p50 == pytest.approx(25)
 
@@ -66,15 +74,19 @@ def test_prompt_ids_exact_lengths():
     assert p[7] == p[25][:7] and p[25][10:20] == p[25][:10]  # short text repeats
 
 
-def test_cli_profile_json_csv_plot_ops(bundles, tiny_model_dir, tmp_path):
+def test_cli_profile_json_csv_plot_ops(bundles, tiny_model_dir, onnx_baseline, tmp_path):
     js, cs, png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
     assert main(["profile", str(bundles[3]), str(bundles[16]), "--prompt-lens", "6,40", "--gen", "5",
                  "--repeat", "2", "--warmup", "0", "--ops", "--baseline", "hf", str(tiny_model_dir),
+                 "--baseline", "onnx", str(onnx_baseline),
                  "--json", str(js), "--csv", str(cs), "--plot", str(png)]) == 0
     doc = read_json(js)
     names = [s["name"] for s in doc["settings"]]
     assert names[0].startswith("hf fp32") and doc["reference"] == names[0]
-    assert "edgekv 3-bit W32" in names and "edgekv fp16 W32" in names
+    assert "edgekv 3-bit W32" in names and "edgekv fp16 W32" in names and "onnx fp32 past-kv" in names
+    hf, onnx = doc["settings"][0], doc["settings"][names.index("onnx fp32 past-kv")]
+    for a, b in zip(hf["rows"], onnx["rows"]):  # same model, same full fp32 cache: same greedy tokens
+        assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 5
     for s in doc["settings"]:
         assert [r["prompt_len"] for r in s["rows"]] == [6, 40]
         for r in s["rows"]:
