@@ -94,7 +94,8 @@ def job(spec: dict, progress: Progress) -> dict:
     from dataclasses import asdict
 
     return {"load_s": load_s, "load_peak_rss_bytes": load_peak, "model": lm.source,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]}
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "attn_implementation": getattr(config, "_attn_implementation", None), "rows": [asdict(r) for r in rows]}
 
 
 if __name__ == "__main__":

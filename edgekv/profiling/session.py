@@ -34,9 +34,9 @@ def run_profile(args) -> dict:
     tok = BundleTokenizer(args.bundles[0])
     prompts = prompt_ids(lambda t: tok.encode(t), evaluation_text(), args.prompt_lens)
     top = max(max(v) for v in prompts.values())
-    for s in bundles:
-        from edgekv.runtime.bundle import read_manifest
+    from edgekv.runtime.bundle import read_manifest
 
+    for s in bundles:
         vocab = int(read_manifest(s.info["bundle"])["model"]["vocab_size"])
         if top >= vocab:
             raise EdgekvError(f"{s.info['bundle']} has a vocabulary of {vocab}, but the prompts were "
