@@ -195,6 +195,12 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_compile(sub) -> None:
+    from edgekv.tvm_kernels.compile_bundle import add_compile  # imports tvm only when run
+
+    add_compile(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgekv",
@@ -211,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan(sub)
     add_profile(sub)
     _add_eval(sub)
+    _add_compile(sub)
     return p
 
 

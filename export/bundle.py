@@ -23,11 +23,9 @@ from typing import Callable
 
 from edgekv import __version__
 from edgekv.errors import EdgekvError
+from edgekv.bundle_format import FORMAT_VERSION, MANIFEST
 from edgekv.files import sha256
 from edgekv.policy import CachePolicy
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -57,7 +55,8 @@ def model_config(config) -> dict:
         "model_type": config.model_type, "num_layers": shape.num_layers,
         "num_heads": config.num_attention_heads, "num_kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim, "hidden_size": config.hidden_size,
-        "vocab_size": config.vocab_size, "rope": rope,
+        "vocab_size": config.vocab_size, "intermediate_size": getattr(config, "intermediate_size", None),
+        "rope": rope,
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
         "bos_token_id": getattr(config, "bos_token_id", None),
         "eos_token_id": getattr(config, "eos_token_id", None),

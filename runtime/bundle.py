@@ -13,13 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgekv.bundle_format import FORMAT_VERSION, MANIFEST
 from edgekv.errors import EdgekvError, PolicyError
 from edgekv.files import sha256
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.runtime.onnx_proto import ExternalTensor, ProtoError, external_initializers
 
-FORMAT_VERSION = 1  # the manifest format this runtime reads
-MANIFEST = "manifest.json"
 GRAPHS = ("decode", "prefill", "pack")
 
 

@@ -27,8 +27,8 @@
   Fitted on three bundles (activations measured / planned, MiB): SmolLM2-135M W=1024
   53 / 169; 4 layers x W=8192: 159 / 220; 16 layers x W=8192: 348 / 511. Runtime
   measured ~125 MiB for SmolLM2 (planned 193). Peak RSS stays below the plan
-  (tests/test_runtime_memory.py checks it). intermediate_size is not in
-  bundle manifests yet; 4*hidden is used then (Llama-family models use 2.7-3.5x).
+  (tests/test_runtime_memory.py checks it). Bundles from before intermediate_size
+  was in the manifest get 4*hidden (Llama-family models use 2.7-3.5x).
 """
 
 from __future__ import annotations

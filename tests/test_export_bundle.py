@@ -23,6 +23,7 @@ def bundle(tiny_model_dir, tmp_path_factory):
 def test_bundle_files_and_manifest(bundle):
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["policy"]["bits_k"] == [3, 3]
+    assert m["model"]["intermediate_size"] == 128  # the planner sizes MLP activations from it
     names = {p.name for p in bundle.iterdir()}
     assert {"decode.onnx", "prefill.onnx", "pack.onnx", "weights.bin", "tokenizer.json"} <= names
     for name, f in m["files"].items():
