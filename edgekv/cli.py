@@ -208,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "of low-bit blocks + fp16 residual) inside a fixed memory budget.")
     p.add_argument("--version", action="version", version=f"edgekv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from edgekv.profiling.cli import add_profile
     from edgekv.runtime.cli_commands import add_chat, add_plan, add_run
 
     _add_export(sub)
     add_run(sub)
     add_chat(sub)
     add_plan(sub)
+    add_profile(sub)
     _add_eval(sub)
     _add_compile(sub)
     return p

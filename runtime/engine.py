@@ -167,18 +167,22 @@ class Engine:
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | DeviceProfile = "cpu", budget: str | int | None = None,
-             backend: str = "ort", threads: int | None = None, verify: bool = True) -> "Engine":
+             backend: str = "ort", threads: int | None = None, verify: bool = True,
+             profile_prefix: str | None = None) -> "Engine":
         """Open and verify `bundle`, check it fits `budget` (default: the device's share of
-        its memory) and allocate everything. Raises an EdgekvError subclass if not."""
+        its memory) and allocate everything. Raises an EdgekvError subclass if not.
+        profile_prefix turns on onnxruntime's per-node profiler (traces written there)."""
         if backend not in BACKENDS:
             raise EngineError(f"backend {backend!r} is not available; this runtime has "
                               f"{', '.join(repr(k) for k in BACKENDS)}")
+        if profile_prefix is not None and backend != "ort":
+            raise EngineError(f"profile_prefix is onnxruntime's profiler; backend {backend!r} has none")
         b = open_bundle(bundle, verify=verify)
         dev = resolve_device(device)
         budget_b = parse_size(budget) if budget is not None else dev.default_budget()
         the_plan = plan(b.manifest, dev, budget_b)
         state = CacheState(b.policy, b.shape, b.cache_tensors, (1, b.prefill_chunk))
-        be = BACKENDS[backend](b, state, dev, device == "cuda", threads)
+        be = BACKENDS[backend](b, state, dev, device == "cuda", threads, profile_prefix)
         tok = BundleTokenizer(b.path, b.model.get("eos_token_id"))
         return cls(b, be, state, tok, the_plan, dev)
 
@@ -346,13 +350,15 @@ class Engine:
         return 0
 
 
-def _ort(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threads: int | None):
+def _ort(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threads: int | None,
+         profile_prefix: str | None = None):
     from edgekv.runtime.ort_backend import OrtBackend, available_providers
 
-    return OrtBackend(b, state, _providers(dev, available_providers(), explicit), threads)
+    return OrtBackend(b, state, _providers(dev, available_providers(), explicit), threads, profile_prefix)
 
 
-def _tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threads: int | None):
+def _tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threads: int | None,
+         profile_prefix: None = None):  # load() refuses a profile_prefix for non-ort backends
     import importlib.util
 
     missing = [m for m in ("tvm", "onnx") if importlib.util.find_spec(m) is None]
@@ -366,8 +372,8 @@ def _tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threa
     return TvmBackend(b, state, threads)
 
 
-# name -> factory(bundle, state, device, device_named_explicitly, threads); each imports its
-# runtime library only when chosen.
+# name -> factory(bundle, state, device, device_named_explicitly, threads, profile_prefix);
+# each imports its runtime library only when chosen.
 BACKENDS: dict[str, Callable[..., "OrtBackend"]] = {"ort": _ort, "tvm": _tvm}
 
 
