@@ -297,6 +297,12 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_compile(sub) -> None:
+    from edgekv.tvm_kernels.compile_bundle import add_compile  # imports tvm only when run
+
+    add_compile(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgekv",
@@ -304,13 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "of low-bit blocks + fp16 residual) inside a fixed memory budget.")
     p.add_argument("--version", action="version", version=f"edgekv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from edgekv.profiling.cli import add_profile
     from edgekv.runtime.cli_commands import add_chat, add_plan, add_run
 
     _add_export(sub)
     add_run(sub)
     add_chat(sub)
     add_plan(sub)
+    add_profile(sub)
     _add_eval(sub)
+    _add_compile(sub)
     return p
 
 

@@ -22,6 +22,17 @@ from edgekv.policy import CachePolicy, KVShape
 # Packs one layer's full residual; returns arrays named like pack.onnx's outputs.
 PackFn = Callable[[int], Mapping[str, np.ndarray]]
 
+ALIGN = 64  # bytes; TVM accepts a numpy buffer as a zero-copy tensor only at this alignment
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """np.zeros whose data starts on an ALIGN-byte boundary (numpy only guarantees 16)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(n + ALIGN, np.uint8)
+    off = -raw.ctypes.data % ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
 
 class CacheState:
     def __init__(self, policy: CachePolicy, shape: KVShape,
@@ -34,11 +45,11 @@ class CacheState:
         self.S, self.B, self.W = policy.sinks, policy.block, policy.window
         self.slots = self.W // self.B
         # The one allocation of the cache: every byte the manifest lists, zeroed.
-        self.buffers = {name: np.zeros(shp, dtype=dt) for name, shp, dt in tensors}
+        self.buffers = {name: aligned_zeros(shp, dt) for name, shp, dt in tensors}
         n = self.S + self.W + self.B
-        self.cache_positions = np.zeros(n, np.int64)
-        self.cache_valid = np.zeros(n, np.bool_)
-        self.new_positions = {t: np.zeros(t, np.int64) for t in token_counts}
+        self.cache_positions = aligned_zeros(n, np.int64)
+        self.cache_valid = aligned_zeros(n, np.bool_)
+        self.new_positions = {t: aligned_zeros(t, np.int64) for t in token_counts}
         self._tok = np.arange(self.B, dtype=np.int64)
         self.n_sink = self.n_res = self.blocks_pushed = 0
 

@@ -167,22 +167,24 @@ class Engine:
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | DeviceProfile = "cpu", budget: str | int | None = None,
-             backend: str = "ort", threads: int | None = None, verify: bool = True) -> "Engine":
+             backend: str = "ort", threads: int | None = None, verify: bool = True,
+             profile_prefix: str | None = None) -> "Engine":
         """Open and verify `bundle`, check it fits `budget` (default: the device's share of
-        its memory) and allocate everything. Raises an EdgekvError subclass if not."""
-        if backend != "ort":
-            raise EngineError(f"backend {backend!r} is not available; this runtime has 'ort' (onnxruntime)")
+        its memory) and allocate everything. Raises an EdgekvError subclass if not.
+        profile_prefix turns on onnxruntime's per-node profiler (traces written there)."""
+        if backend not in BACKENDS:
+            raise EngineError(f"backend {backend!r} is not available; this runtime has "
+                              f"{', '.join(repr(k) for k in BACKENDS)}")
+        if profile_prefix is not None and backend != "ort":
+            raise EngineError(f"profile_prefix is onnxruntime's profiler; backend {backend!r} has none")
         b = open_bundle(bundle, verify=verify)
         dev = resolve_device(device)
         budget_b = parse_size(budget) if budget is not None else dev.default_budget()
         the_plan = plan(b.manifest, dev, budget_b)
-        from edgekv.runtime.ort_backend import OrtBackend, available_providers
-
-        providers = _providers(dev, available_providers(), explicit=device == "cuda")
         state = CacheState(b.policy, b.shape, b.cache_tensors, (1, b.prefill_chunk))
-        ort_backend = OrtBackend(b, state, providers, threads)
+        be = BACKENDS[backend](b, state, dev, device == "cuda", threads, profile_prefix)
         tok = BundleTokenizer(b.path, b.model.get("eos_token_id"))
-        return cls(b, ort_backend, state, tok, the_plan, dev)
+        return cls(b, be, state, tok, the_plan, dev)
 
     # ---- public API -----------------------------------------------------------------
     @property
@@ -348,6 +350,33 @@ class Engine:
         return 0
 
 
+def _ort(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threads: int | None,
+         profile_prefix: str | None = None):
+    from edgekv.runtime.ort_backend import OrtBackend, available_providers
+
+    return OrtBackend(b, state, _providers(dev, available_providers(), explicit), threads, profile_prefix)
+
+
+def _tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threads: int | None,
+         profile_prefix: None = None):  # load() refuses a profile_prefix for non-ort backends
+    import importlib.util
+
+    missing = [m for m in ("tvm", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EngineError(f"backend 'tvm' needs {' and '.join(missing)} (pip install 'edgekv[tvm]')")
+    if dev.kind != "cpu":
+        warnings.warn(f"backend 'tvm' compiles for the CPU only so far; device {dev.name} runs on its CPU",
+                      RuntimeWarning, stacklevel=4)
+    from edgekv.runtime.tvm_backend import TvmBackend
+
+    return TvmBackend(b, state, threads)
+
+
+# name -> factory(bundle, state, device, device_named_explicitly, threads, profile_prefix);
+# each imports its runtime library only when chosen.
+BACKENDS: dict[str, Callable[..., "OrtBackend"]] = {"ort": _ort, "tvm": _tvm}
+
+
 def _providers(dev: DeviceProfile, available: list[str], explicit: bool) -> list[str]:
     wanted = dev.ort_providers
     chosen = [p for p in wanted if p in available]
@@ -356,7 +385,7 @@ def _providers(dev: DeviceProfile, available: list[str], explicit: bool) -> list
                f"install onnxruntime-gpu (docs/jetson.md on Jetson)")
         if explicit:
             raise DeviceError(msg)
-        warnings.warn(msg + "; running on CPUExecutionProvider", RuntimeWarning, stacklevel=3)
+        warnings.warn(msg + "; running on CPUExecutionProvider", RuntimeWarning, stacklevel=4)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen

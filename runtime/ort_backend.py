@@ -58,10 +58,11 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, bundle: Bundle, state: CacheState, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, profile_prefix: str | None = None) -> None:
         self.state, self.chunk = state, bundle.prefill_chunk
         self.providers = list(providers)
         self.threads = threads
+        self.profile_prefix = profile_prefix  # onnxruntime's per-node profiler (edgekv profile --ops)
         _shared_cpu_arena()
         self._weights = (np.memmap(bundle.weights_path, dtype=np.uint8, mode="r")
                          if bundle.weights_bytes else None)
@@ -94,6 +95,9 @@ class OrtBackend:
 
     def _session(self, bundle: Bundle, kind: str) -> ort.InferenceSession:
         so = self._options()
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{self.profile_prefix}_{kind}"
         for t in bundle.external_weights(kind):
             if t.name not in self._initializers:
                 data = self._weights[t.offset:t.offset + t.length].view(t.dtype).reshape(t.shape)
@@ -156,6 +160,10 @@ class OrtBackend:
         self.sessions["pack"].run_with_iobinding(io)
         io.synchronize_outputs()
         return self.packed
+
+    def end_profiling(self) -> dict[str, str]:
+        """Stop onnxruntime's profiler: {graph kind: its JSON trace file} (profiling only)."""
+        return {kind: s.end_profiling() for kind, s in self.sessions.items()} if self.profile_prefix else {}
 
     @property
     def active_providers(self) -> list[str]:

@@ -172,7 +172,7 @@ def test_bad_requests(engine, tiny_model, tiny_model_dir, tmp_path):
     with pytest.raises(EngineError, match="string or a list"):
         engine.generate(42)
     with pytest.raises(EngineError, match="backend"):
-        Engine.load(tmp_path, backend="tvm")
+        Engine.load(tmp_path, backend="nope")  # unknown name (tvm is a backend now)
     plain = Engine.load(make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", _policy((3, 3), (3, 3))))
     with pytest.raises(TokenizerError, match="no chat template"):
         plain.generate([{"role": "user", "content": "hi"}])

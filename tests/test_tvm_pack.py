@@ -1,0 +1,34 @@
+"""TVM pack kernel: bit exact with edgekv.quant / edgekv.packing at every width."""
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from edgekv import quant  # noqa: E402
+from edgekv.tvm_kernels.build import build_pack  # noqa: E402
+from edgekv.tvm_kernels.params import PackParams  # noqa: E402
+from edgekv.tvm_kernels.targets import host_target  # noqa: E402
+
+
+def _block(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((1, 2, 16, 32)) * 3 + 1).astype(np.float16)
+    x[0, 0, :, 5] = 1.5  # a constant key channel and value group: scale 0, codes 0
+    x[0, 1, 3, :16] = -2.25
+    x[0, 1, :, 7] = np.float16(60000.0)  # large magnitudes: fp16 rounding of scale/zero matters
+    return x
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("side", ["k", "v"])
+def test_pack_bit_exact(bits, side):
+    p = PackParams(heads=2, head_dim=32, block=16, group=16, bits=bits)
+    lib = build_pack(p, side, host_target())
+    for seed in range(3):
+        x = _block(seed)
+        ref = quant.quantize_keys(x, bits) if side == "k" else quant.quantize_values(x, bits, p.group)
+        outs = [tvm.runtime.empty(r.shape, str(r.dtype)) for r in ref]
+        lib["main"](tvm.runtime.tensor(x), *outs)
+        for name, got, want in zip(("codes", "scale", "zero"), outs, ref):
+            np.testing.assert_array_equal(got.numpy(), want, err_msg=f"{name} bits={bits} side={side}")

@@ -1,0 +1,94 @@
+"""One shared library per (bundle, device): every kernel a policy needs, compiled for the
+device's target (cross-compiled where the host is not the device) and exported.
+
+Function names are stable so a loader finds them from the policy alone:
+  pack_k_b{bits}, pack_v_b{bits}        one residual block -> ring slot
+  decode_k{bk}_v{bv}, prefill_k{bk}_v{bv}  attention (one query / one prefill chunk)
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass
+
+import tvm
+
+from edgekv.policy import CachePolicy, KVShape
+from edgekv.tvm_kernels.build import compile_module, cuda_source, nvcc_fatbin, scheduled_attention, scheduled_pack
+from edgekv.tvm_kernels.params import attn_params, pack_params
+from edgekv.tvm_kernels.targets import is_gpu
+
+# gcc driver per cross triple (Debian's gcc-<triple> packages).
+CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    decode: dict[tuple[int, int], str]
+    prefill: dict[tuple[int, int], str]
+    pack: dict[tuple[str, int], str]
+
+
+def kernel_names(policy: CachePolicy) -> KernelSet:
+    pairs = sorted(set(zip(policy.bits_k, policy.bits_v)))
+    packs = sorted({("k", b) for b in policy.bits_k if b < 16} | {("v", b) for b in policy.bits_v if b < 16})
+    return KernelSet({pr: f"decode_k{pr[0]}_v{pr[1]}" for pr in pairs},
+                     {pr: f"prefill_k{pr[0]}_v{pr[1]}" for pr in pairs},
+                     {pk: f"pack_{pk[0]}_b{pk[1]}" for pk in packs})
+
+
+def build_module(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int,
+                 target: tvm.target.Target, device: str | None = None) -> tvm.IRModule:
+    """All kernels of the policy, scheduled for `target`, in one IRModule."""
+    names = kernel_names(policy)
+    funcs = {}
+    for (bk, bv), name in names.decode.items():
+        layer = next(i for i in range(policy.num_layers) if (policy.bits_k[i], policy.bits_v[i]) == (bk, bv))
+        for ch, nm in ((1, name), (chunk, names.prefill[(bk, bv)])):
+            p = attn_params(policy, shape, layer, num_heads, chunk=ch)
+            funcs[nm] = scheduled_attention(p, target, device).with_attr("global_symbol", nm)
+    for (side, bits), name in names.pack.items():
+        layer = next(i for i in range(policy.num_layers)
+                     if (policy.bits_k if side == "k" else policy.bits_v)[i] == bits)
+        p = pack_params(policy, shape, layer, side)
+        funcs[name] = scheduled_pack(p, side, target).with_attr("global_symbol", name)
+    return tvm.IRModule(funcs)
+
+
+def _host_arch(target: tvm.target.Target) -> str:
+    host = target.host if is_gpu(target) and target.host is not None else target
+    triple = str(host.attrs.get("mtriple", "")) or platform.machine()
+    return triple.split("-")[0]
+
+
+def fcompile_for(target: tvm.target.Target):
+    """The linker for the target's host CPU: the system compiler natively, a cross gcc
+    otherwise (None: use TVM's default)."""
+    arch = _host_arch(target)
+    if arch in ("", platform.machine()):
+        return None
+    cc = CROSS_CC.get(arch)
+    if cc is None or shutil.which(cc) is None:
+        raise RuntimeError(f"no cross compiler for {arch} (install {cc or 'one'}, e.g. apt-get install gcc-{arch}-linux-gnu)")
+    from tvm.support import cc as _cc
+    return _cc.cross_compiler(cc)
+
+
+def export(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int,
+           target: tvm.target.Target, path: str, device: str | None = None) -> dict[str, object]:
+    """Compile and write the library to `path` (plus `path`.fatbin, nvcc's build of the
+    device code, for CUDA targets). Returns the files written and the function names."""
+    mod = build_module(policy, shape, num_heads, chunk, target, device)
+    lib = compile_module(mod, target)
+    fcompile = fcompile_for(target)
+    if fcompile is None:
+        lib.export_library(path)
+    else:
+        lib.export_library(path, fcompile=fcompile)
+    files = [path]
+    if target.kind.name == "cuda":
+        with open(path + ".fatbin", "wb") as f:
+            f.write(nvcc_fatbin(cuda_source(lib), target))
+        files.append(path + ".fatbin")
+    return {"files": files, "functions": sorted(str(gv.name_hint) for gv in mod.get_global_vars())}

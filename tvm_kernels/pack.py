@@ -1,0 +1,86 @@
+"""Pack kernel (TE): quantize and pack one full residual block, bit exact with
+edgekv.quant / edgekv.packing.
+
+Keys [1,H,B,D] fp16 -> codes [1,H,D,B*b/8] (per channel over the block), scale/zero [1,H,D].
+Values [1,H,B,D] fp16 -> codes [1,H,B,D*b/8] (per token in groups of G), scale/zero [1,H,B,D/G].
+
+The recipe is quant.py's, step by step in fp32: scale = fp16((max-min)/(2^b-1)),
+zero = fp16(min), code = clip(round_half_even((x - zero)/scale)) with the *stored* fp16
+scale and zero (0 where scale is 0). A true division, not a reciprocal multiply, and
+nearbyint (half to even) rather than round (half away from zero).
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from edgekv.tvm_kernels.params import PackParams
+
+F32, F16, U8 = "float32", "float16", "uint8"
+
+
+def _codes(x, scale, zero, levels: int):
+    s = scale.astype(F32)
+    z = zero.astype(F32)
+    pos = s > tirx.const(0.0, F32)
+    safe = tirx.Select(pos, s, tirx.const(1.0, F32))
+    q = tirx.nearbyint((x.astype(F32) - z) / safe)
+    q = tirx.Select(pos, q, tirx.const(0.0, F32))
+    q = tirx.max(tirx.min(q, tirx.const(float(levels), F32)), tirx.const(0.0, F32))
+    return q.astype(U8)
+
+
+def _pack_stream(code_at, nbytes: int, bits: int, shape_pre: tuple, name: str):
+    """Bytes of the little-endian bit stream of `code_at(*pre, i)`: stream bit p is bit
+    p % b of code p // b, and byte j holds stream bits [8j, 8j+8)."""
+    if bits == 8:
+        return te.compute((*shape_pre, nbytes), lambda *ix: code_at(*ix[:-1], ix[-1]), name=name)
+
+    def byte(*ix):
+        j = ix[-1]
+        acc = tirx.const(0, U8)
+        for bit in range(8):
+            p = j * 8 + bit
+            b = (code_at(*ix[:-1], tirx.floordiv(p, bits)) >> tirx.floormod(p, bits).astype(U8)) & tirx.const(1, U8)
+            acc = acc | (b << tirx.const(bit, U8))
+        return acc
+
+    return te.compute((*shape_pre, nbytes), byte, name=name)
+
+
+def pack_keys_te(p: PackParams) -> list[te.Tensor]:
+    h, b, d, bits = p.heads, p.block, p.head_dim, p.bits
+    levels = (1 << bits) - 1
+    x = te.placeholder((1, h, b, d), F16, name="x")
+    t = te.reduce_axis((0, b), name="t")
+    mn = te.compute((1, h, d), lambda n, i, c: te.min(x[n, i, t, c].astype(F32), axis=t), name="kmin")
+    t2 = te.reduce_axis((0, b), name="t2")
+    mx = te.compute((1, h, d), lambda n, i, c: te.max(x[n, i, t2, c].astype(F32), axis=t2), name="kmax")
+    scale = te.compute((1, h, d), lambda n, i, c: ((mx[n, i, c] - mn[n, i, c]) / tirx.const(float(levels), F32)).astype(F16), name="scale")
+    zero = te.compute((1, h, d), lambda n, i, c: mn[n, i, c].astype(F16), name="zero")
+    codes = te.compute((1, h, d, b), lambda n, i, c, tok: _codes(x[n, i, tok, c], scale[n, i, c], zero[n, i, c], levels), name="kcodes")
+    packed = _pack_stream(lambda n, i, c, k: codes[n, i, c, k], b * bits // 8, bits, (1, h, d), "codes")
+    return [x, packed, scale, zero]
+
+
+def pack_values_te(p: PackParams) -> list[te.Tensor]:
+    h, b, d, g, bits = p.heads, p.block, p.head_dim, p.group, p.bits
+    levels = (1 << bits) - 1
+    ng = d // g
+    x = te.placeholder((1, h, b, d), F16, name="x")
+    e = te.reduce_axis((0, g), name="e")
+    mn = te.compute((1, h, b, ng), lambda n, i, tok, k: te.min(x[n, i, tok, k * g + e].astype(F32), axis=e), name="vmin")
+    e2 = te.reduce_axis((0, g), name="e2")
+    mx = te.compute((1, h, b, ng), lambda n, i, tok, k: te.max(x[n, i, tok, k * g + e2].astype(F32), axis=e2), name="vmax")
+    scale = te.compute((1, h, b, ng), lambda *ix: ((mx[ix] - mn[ix]) / tirx.const(float(levels), F32)).astype(F16), name="scale")
+    zero = te.compute((1, h, b, ng), lambda *ix: mn[ix].astype(F16), name="zero")
+    codes = te.compute((1, h, b, d), lambda n, i, tok, c: _codes(
+        x[n, i, tok, c], scale[n, i, tok, c // g], zero[n, i, tok, c // g], levels), name="vcodes")
+    packed = _pack_stream(lambda n, i, tok, k: codes[n, i, tok, k], d * bits // 8, bits, (1, h, b), "codes")
+    return [x, packed, scale, zero]
+
+
+def pack_func(p: PackParams, side: str):
+    """The PrimFunc (x, codes, scale, zero) for 'k' or 'v'."""
+    args = pack_keys_te(p) if side == "k" else pack_values_te(p)
+    return te.create_prim_func(args).with_attr("global_symbol", f"pack_{side}_{p.key}")

@@ -1,0 +1,104 @@
+"""The one place that maps a CachePolicy layer to kernel parameters.
+
+Kernels are specialised per (bits, shapes) at build time: every extent here is a
+compile-time constant, so index arithmetic folds and the unpacking shifts are immediates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgekv.policy import CachePolicy, KVShape
+
+PACK_BITS = (2, 3, 4, 8)
+ATTN_BITS = (2, 3, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class PackParams:
+    """Quantize + pack one block: keys [1,H,B,D] per channel, values [1,H,B,D] per token
+    in groups of G."""
+
+    heads: int
+    head_dim: int
+    block: int
+    group: int
+    bits: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in PACK_BITS:
+            raise ValueError(f"pack supports bits {PACK_BITS}, got {self.bits}")
+        if self.block % 8 or self.head_dim % self.group or self.group % 8:
+            raise ValueError("block and group must be multiples of 8 and group must divide head_dim")
+
+    @property
+    def key(self) -> str:
+        return f"h{self.heads}_d{self.head_dim}_b{self.block}_g{self.group}_q{self.bits}"
+
+
+@dataclass(frozen=True)
+class AttnParams:
+    """Attention of C new queries (C=1: decode) over one layer's cache in storage order:
+    S sinks, `slots` ring blocks of B tokens, a residual of B tokens."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sinks: int
+    slots: int
+    block: int
+    group: int
+    bits_k: int
+    bits_v: int
+    chunk: int = 1
+
+    def __post_init__(self) -> None:
+        if self.bits_k not in ATTN_BITS or self.bits_v not in ATTN_BITS:
+            raise ValueError(f"attention supports bits {ATTN_BITS}, got K{self.bits_k} V{self.bits_v}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads (GQA)")
+        if self.head_dim % 16 or self.block % 8 or self.group % 8 or self.head_dim % self.group:
+            raise ValueError("head_dim must be a multiple of 16, block/group multiples of 8, group | head_dim")
+        if self.chunk < 1 or self.block % self.chunk:
+            raise ValueError(f"chunk {self.chunk} must divide block {self.block}")
+        if self.slots < 1:
+            raise ValueError("the ring needs at least one slot")
+
+    @property
+    def rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def key(self) -> str:
+        return (f"hq{self.num_heads}_hkv{self.num_kv_heads}_d{self.head_dim}_s{self.sinks}"
+                f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}")
+
+    @property
+    def tokens(self) -> int:
+        """Cache slots the kernel can read: sinks + ring + residual."""
+        return self.sinks + self.slots * self.block + self.block
+
+    def cache_bytes(self, ring_tokens: int | None = None) -> int:
+        """Bytes of cache one call reads with `ring_tokens` valid ring tokens (default all)."""
+        h, d, b = self.num_kv_heads, self.head_dim, self.block
+        w = self.slots * b if ring_tokens is None else ring_tokens
+        fp16 = (self.sinks + b) * h * d * 2 * 2
+        k = w * h * d * 2 if self.bits_k == 16 else w * h * d * self.bits_k // 8 + (w // b) * h * d * 4
+        v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group) * 4)
+        return fp16 + k + v
+
+
+def pack_params(policy: CachePolicy, shape: KVShape, layer: int, side: str) -> PackParams | None:
+    """Pack kernel of one layer's keys ('k') or values ('v'); None at 16 bits (a copy)."""
+    bits = policy.bits_k[layer] if side == "k" else policy.bits_v[layer]
+    if bits == 16:
+        return None
+    return PackParams(shape.num_kv_heads, shape.head_dim, policy.block, policy.group, bits)
+
+
+def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
+                chunk: int = 1, context: int | None = None) -> AttnParams:
+    policy.check_shape(shape)
+    slots = policy.ring_capacity(context) // policy.block
+    return AttnParams(num_heads, shape.num_kv_heads, shape.head_dim, policy.sinks, slots,
+                      policy.block, policy.group, policy.bits_k[layer], policy.bits_v[layer], chunk)
