@@ -15,12 +15,13 @@ them up. Needs torch; export and eval import it lazily.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from edgekv.allocation import WIDTHS, Sensitivity
+from edgekv.allocation import WIDTHS, Sensitivity, allocate
 from edgekv.policy import CachePolicy
 from edgekv.reference import quant_torch as qt
 from edgekv.reference.model import _rotate_half, check_supported, kv_shape
@@ -199,3 +200,28 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
             "tokens": n, "queries": int(len(qidx)), "base_nll": cap.nll,
             "seconds": round(time.perf_counter() - t0, 2)}
     return Sensitivity(tuple(widths), tuple(keys), tuple(values), meta)
+
+
+def calibrated_policy(model, tokenizer, base: CachePolicy, target: float) -> tuple[CachePolicy, dict]:
+    """(`base` with calibrated per-layer bits for an average of `target`, the manifest's
+    'allocation' section: how the bits were chosen)."""
+    sens = measure(model, tokenizer, base)
+    alloc = allocate(sens, target)
+    policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
+    shape = kv_shape(model.config)
+    n = base.num_layers
+    uniform_loss = None
+    if float(target).is_integer() and int(target) in sens.widths:
+        uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)
+    return policy, {
+        "layout": "calibrated", "target_bits": target, "average_bits": alloc.average_bits,
+        "bits_per_element_with_metadata": policy.bits_per_element(shape),
+        "widths": list(sens.widths),
+        "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "
+                     "least summed predicted loss",
+        "predicted_loss_nats": alloc.predicted_loss,
+        "predicted_delta_ppl_pct": 100.0 * math.expm1(alloc.predicted_loss),
+        "uniform_predicted_delta_ppl_pct": None if uniform_loss is None else 100.0 * math.expm1(uniform_loss),
+        "calibration": sens.meta,
+        "sensitivity": {"key": [list(r) for r in sens.key], "value": [list(r) for r in sens.value]},
+    }

@@ -211,37 +211,9 @@ def _export_policy(args, num_layers: int, loaded=None):
     base = CachePolicy.uniform(num_layers, 2, **common)
     if loaded is None:
         return base, None
+    from edgekv.calibration import calibrated_policy
+
     return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits)
-
-
-def calibrated_policy(model, tokenizer, base, target: float):
-    """(policy with calibrated per-layer bits, manifest 'allocation' section)."""
-    import math
-
-    from edgekv.allocation import allocate
-    from edgekv.calibration import measure
-    from edgekv.reference.model import kv_shape
-
-    sens = measure(model, tokenizer, base)
-    alloc = allocate(sens, target)
-    policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
-    shape = kv_shape(model.config)
-    n = base.num_layers
-    uniform_loss = None
-    if float(target).is_integer() and int(target) in sens.widths:
-        uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)
-    return policy, {
-        "layout": "calibrated", "target_bits": target, "average_bits": alloc.average_bits,
-        "bits_per_element_with_metadata": policy.bits_per_element(shape),
-        "widths": list(sens.widths),
-        "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "
-                     "least summed predicted loss",
-        "predicted_loss_nats": alloc.predicted_loss,
-        "predicted_delta_ppl_pct": 100.0 * math.expm1(alloc.predicted_loss),
-        "uniform_predicted_delta_ppl_pct": None if uniform_loss is None else 100.0 * math.expm1(uniform_loss),
-        "calibration": sens.meta,
-        "sensitivity": {"key": [list(r) for r in sens.key], "value": [list(r) for r in sens.value]},
-    }
 
 
 def _run_export(args) -> int:
