@@ -11,14 +11,8 @@ from pathlib import Path
 from edgekv.errors import EdgekvError
 
 
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
 def add_profile(sub) -> argparse.ArgumentParser:
+    from edgekv.cli import _int_list
     from edgekv.runtime.cli_commands import _size
 
     p = sub.add_parser(
