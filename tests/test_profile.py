@@ -83,8 +83,9 @@ def test_cli_profile_json_csv_plot_ops(bundles, tiny_model_dir, onnx_baseline, t
     doc = read_json(js)
     names = [s["name"] for s in doc["settings"]]
     assert names[0].startswith("hf fp32") and doc["reference"] == names[0]
-    assert "edgekv 3-bit W32" in names and "edgekv fp16 W32" in names and "onnx fp32 past-kv" in names
-    hf, onnx = doc["settings"][0], doc["settings"][names.index("onnx fp32 past-kv")]
+    onnx_name = f"onnx past-kv {onnx_baseline.name}"
+    assert "edgekv 3-bit W32" in names and "edgekv fp16 W32" in names and onnx_name in names
+    hf, onnx = doc["settings"][0], doc["settings"][names.index(onnx_name)]
     for a, b in zip(hf["rows"], onnx["rows"]):  # same model, same full fp32 cache: same greedy tokens
         assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 5
     for s in doc["settings"]:

@@ -75,7 +75,9 @@ def baseline_settings(specs: list[list[str]]) -> list[Setting]:
             from edgekv.profiling.baseline_onnx import find_model
 
             find_model(rest[0])  # raises if there is no usable model.onnx
-            out.append(Setting("onnx fp32 past-kv", "onnx", {"model": rest[0]}, {"model": rest[0]}))
+            # the directory's name tells two ONNX baselines apart (optimum's vs our own export)
+            out.append(Setting(f"onnx past-kv {Path(rest[0]).name}", "onnx", {"model": rest[0]},
+                               {"model": rest[0]}))
         elif kind == "llamacpp":
             if len(rest) != 1:
                 raise EdgekvError("--baseline llamacpp takes one GGUF file")
