@@ -175,8 +175,12 @@ def _add_export(sub) -> None:
     _add_policy_args(p)
     p.add_argument("--prefill-chunk", type=int, default=32,
                    help="tokens per prefill.onnx call; must divide --block")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="weights on disk (fp16 halves the bundle; compute stays fp32)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "gguf"], default="auto",
+                   help="weights: gguf keeps a GGUF's own Q4_0/Q4_1/Q8_0 blocks exactly as the file "
+                        "has them, run by onnxruntime's MatMulNBits with int8 activations like "
+                        "llama.cpp (~5x smaller bundle, 1.3x faster decode; onnxruntime backend "
+                        "only); fp32; fp16 (half of fp32 on disk, compute in fp32); auto: gguf for "
+                        "a .gguf model, else fp32")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the default domain")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_run_export)
@@ -246,11 +250,19 @@ def _run_export(args) -> int:
         from edgekv.export.bundle import write_bundle
         from edgekv.export.model_loading import load_model
 
+        from edgekv.export.model_loading import resolve_model_path
+
+        source = resolve_model_path(args.model)
+        dtype = args.dtype if args.dtype != "auto" else "gguf" if source.suffix == ".gguf" else "fp32"
+        if dtype == "gguf":  # before minutes of calibration and tracing
+            from edgekv.export.bundle import check_gguf_source
+
+            check_gguf_source(source)
         loaded = load_model(args.model)
         if _calibrated(args):
             step("calibrating bits")
         policy, allocation = _export_policy(args, loaded.model.config.num_hidden_layers, loaded)
-        options = ExportOptions(args.prefill_chunk, args.dtype, args.opset)
+        options = ExportOptions(args.prefill_chunk, dtype, args.opset)
         manifest = write_bundle(loaded, policy, out, options, force=args.force, step=step,
                                 allocation=allocation)
         bar.update(task, completed=len(steps), description="done")

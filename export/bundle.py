@@ -31,7 +31,7 @@ from edgekv.policy import CachePolicy
 @dataclass
 class ExportOptions:
     prefill_chunk: int = 32
-    weights_dtype: str = "fp32"  # fp32 | fp16
+    weights_dtype: str = "fp32"  # fp32 | fp16 | gguf (the GGUF's own 4/8-bit blocks, exact)
     opset: int = 18
 
 
@@ -107,6 +107,10 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
         if options.weights_dtype == "fp16":
             store_weights_fp16(decode)
             store_weights_fp16(prefill)
+        quantized = None
+        if options.weights_dtype == "gguf":
+            step("reading the GGUF's weight blocks")
+            quantized = _use_gguf_blocks(loaded, [decode, prefill])
         step("writing weights")
         externalize([decode, prefill], tmp)
         step("checking graphs")
@@ -124,7 +128,8 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
                        "average_bits": policy.average_bits()},
             "graphs": {"decode": "decode.onnx", "prefill": "prefill.onnx", "pack": "pack.onnx",
                        "prefill_chunk": options.prefill_chunk, "opset": options.opset,
-                       "weights_dtype": options.weights_dtype},
+                       "weights_dtype": options.weights_dtype,
+                       **({"quantized_weights": quantized} if quantized is not None else {})},
             "cache": cache_manifest(policy, shape),
             "allocation": allocation or {"layout": "given", "average_bits": policy.average_bits()},
         }
@@ -136,6 +141,34 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def check_gguf_source(source: str | Path) -> Path:
+    source = Path(source)
+    if source.suffix != ".gguf":
+        raise EdgekvError(f"--dtype gguf keeps a GGUF file's own quantized blocks, but {source} is not a "
+                          f".gguf file; use --dtype fp32 or fp16 for a Hugging Face directory")
+    return source
+
+
+def _use_gguf_blocks(loaded, graphs: list) -> dict[str, int]:
+    """--dtype gguf: every Gemm/Gather weight whose GGUF blocks dequantize exactly to the
+    traced fp32 values reads those blocks (export.quantized_matmul); the rest stays fp32."""
+    from onnx import numpy_helper
+
+    from edgekv.export.gguf_weights import match_exact, read_gguf_blocks
+    from edgekv.export.quantized_matmul import use_quantized_weights
+
+    source = check_gguf_source(loaded.source)
+    blocks = read_gguf_blocks(source)
+    cfg = loaded.model.config
+    weights = {i.name: numpy_helper.to_array(i) for i in graphs[0].graph.initializer if i.name in blocks}
+    exact = match_exact(blocks, weights, cfg.num_attention_heads, cfg.num_key_value_heads)
+    if not exact:
+        raise EdgekvError(f"{source.name}: no Q4_0/Q4_1/Q8_0 matrix matches the traced weights exactly; "
+                          f"use --dtype fp32")
+    counts = [use_quantized_weights(g, exact) for g in graphs]
+    return counts[0]
 
 
 def _set_opset(model, opset: int) -> None:

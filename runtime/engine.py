@@ -361,6 +361,9 @@ def _tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threa
          profile_prefix: None = None):  # load() refuses a profile_prefix for non-ort backends
     import importlib.util
 
+    if b.manifest["graphs"].get("weights_dtype") == "gguf":
+        raise EngineError(f"{b.path} keeps GGUF weight blocks (onnxruntime's MatMulNBits), which "
+                          f"TVM's ONNX importer does not read; use backend 'ort', or export with --dtype fp32")
     missing = [m for m in ("tvm", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
         raise EngineError(f"backend 'tvm' needs {' and '.join(missing)} (pip install 'edgekv[tvm]')")

@@ -5,7 +5,11 @@ Memory is decided here once:
   prefill.onnx is handed to both sessions as the same OrtValue (`add_initializer`), so
   the two graphs share one copy of the weights. Prepacking is disabled because it makes
   a private packed copy of every Gemm weight per session (measured on SmolLM2-135M:
-  1.33 GB RSS for the two sessions with it, 0.75 GB without, and no slower).
+  1.33 GB RSS for the two sessions with it, 0.75 GB without, and no slower) -- except
+  for `--dtype gguf` bundles: MatMulNBits runs its int8 kernels only on prepacked
+  weights (6x slower decode without). Each session then holds its own packed copy
+  (~1.15x the file; onnxruntime's Python API cannot share a prepacked-weights container),
+  and the mapped file pages that prepacking read are handed back to the page cache.
 * Every input and output is bound with IOBinding to a numpy buffer allocated here or in
   CacheState, so a step allocates nothing that outlives it; the host only rewrites
   those buffers in place.
@@ -21,6 +25,7 @@ here: no GPU). Keeping the ring on the device is the TVM backend's job.
 
 from __future__ import annotations
 
+import mmap
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +39,11 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 
 _ENV_ARENA = False
+
+
+def _map_file(path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def available_providers() -> list[str]:
@@ -64,10 +74,14 @@ class OrtBackend:
         self.threads = threads
         self.profile_prefix = profile_prefix  # onnxruntime's per-node profiler (edgekv profile --ops)
         _shared_cpu_arena()
-        self._weights = (np.memmap(bundle.weights_path, dtype=np.uint8, mode="r")
-                         if bundle.weights_bytes else None)
+        self._map = _map_file(bundle.weights_path) if bundle.weights_bytes else None
+        self._weights = np.frombuffer(self._map, np.uint8) if self._map is not None else None
         self._initializers: dict[str, ort.OrtValue] = {}  # shared by decode and prefill
+        self.prepack = bundle.manifest["graphs"].get("weights_dtype") == "gguf"
         self.sessions = {kind: self._session(bundle, kind) for kind in ("decode", "prefill", "pack")}
+        if self.prepack and self._map is not None:
+            # the packed copies are what runs now; untouched pages fault back in if read
+            self._map.madvise(mmap.MADV_DONTNEED)
 
         # Graph I/O buffers: allocated here, once.
         m, sh = bundle.model, bundle.shape
@@ -89,7 +103,8 @@ class OrtBackend:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         so.enable_mem_pattern = False
-        so.add_session_config_entry("session.disable_prepacking", "1")
+        if not self.prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         so.add_session_config_entry("session.use_env_allocators", "1")
         return so
 
