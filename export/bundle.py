@@ -156,14 +156,14 @@ def _use_gguf_blocks(loaded, graphs: list) -> dict[str, int]:
     traced fp32 values reads those blocks (export.quantized_matmul); the rest stays fp32."""
     from onnx import numpy_helper
 
-    from edgekv.export.gguf_weights import match_exact, read_gguf_blocks
+    from edgekv.export import gguf_weights
     from edgekv.export.quantized_matmul import use_quantized_weights
 
     source = check_gguf_source(loaded.source)
-    blocks = read_gguf_blocks(source)
+    blocks = gguf_weights.read_gguf_blocks(source)
     cfg = loaded.model.config
     weights = {i.name: numpy_helper.to_array(i) for i in graphs[0].graph.initializer if i.name in blocks}
-    exact = match_exact(blocks, weights, cfg.num_attention_heads, cfg.num_key_value_heads)
+    exact = gguf_weights.match_exact(blocks, weights, cfg.num_attention_heads, cfg.num_key_value_heads)
     if not exact:
         raise EdgekvError(f"{source.name}: no Q4_0/Q4_1/Q8_0 matrix matches the traced weights exactly; "
                           f"use --dtype fp32")
