@@ -141,6 +141,14 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     def attend(keys: torch.Tensor) -> torch.Tensor:  # scores [Hq, Q, T]
         return qs @ _rope(keys, cos, sin).repeat_interleave(rep, 0).transpose(-1, -2)
 
+    # The cache quantizes rotated blocks when the policy says so (edgekv.rotation).
+    rotate = unrotate = (lambda x: x)  # noqa: E731
+    if policy.rotation == "hadamard":
+        from edgekv.rotation import hadamard
+
+        h = torch.from_numpy(hadamard(d)).to(k.dtype)
+        rotate, unrotate = (lambda x: x @ h), (lambda x: x @ h.T)  # noqa: E731
+
     s_f = attend(k)
     p_f = torch.softmax(s_f.masked_fill(~visible, float("-inf")), -1)
     v_rep = v.repeat_interleave(rep, 0)
@@ -155,12 +163,13 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
             v_loss.append(0.0)
             continue
         kq = k.clone()
-        kq[:, sl] = qt.fake_quantize_keys(k[:, sl].reshape(-1, nblk, policy.block, d), w).reshape(-1, nblk * policy.block, d)
+        kq[:, sl] = unrotate(qt.fake_quantize_keys(rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), w)
+                             .reshape(-1, nblk * policy.block, d))
         s_q = torch.where(full, s_f, attend(kq))
         o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
         k_loss.append(float(norm * (g2 * (o - o_f) ** 2).sum()))
         vq = v.clone()
-        vq[:, sl] = qt.fake_quantize_values(v[:, sl], w, policy.group)
+        vq[:, sl] = unrotate(qt.fake_quantize_values(rotate(v[:, sl]), w, policy.group))
         dv = (p_f * ring) @ (vq - v).repeat_interleave(rep, 0)
         v_loss.append(float(norm * (g2 * dv ** 2).sum()))
     return k_loss, v_loss

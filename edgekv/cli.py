@@ -74,7 +74,7 @@ def _run_eval(args) -> int:
     from edgekv.quality.text import read_text
 
     text, source = read_text(args.text)
-    geometry = (args.window, args.sinks, args.block, args.group, args.positions)
+    geometry = (args.window, args.sinks, args.block, args.group, args.positions, args.rotation)
     settings = [EvalSetting(16, 16, *geometry)]
     for b in dict.fromkeys(args.bits):
         if b == 16:
@@ -89,7 +89,8 @@ def _run_eval(args) -> int:
         settings.append(EvalSetting(args.bits_k or first[0], args.bits_v or first[1], *geometry))
     settings = list({s.label: s for s in settings}.values())
     if args.full_cache and args.window is not None:
-        settings.insert(0, EvalSetting(16, 16, None, args.sinks, args.block, args.group, args.positions))
+        settings.insert(0, EvalSetting(16, 16, None, args.sinks, args.block, args.group, args.positions,
+                                       args.rotation))
     for s in settings:  # validate every policy before loading the model
         s.policy(1)
     if args.max_tokens < 2 * args.sequences:
@@ -150,6 +151,10 @@ def _add_policy_args(p) -> None:
     p.add_argument("--group", type=int, default=32, help="channels per value quantization group")
     p.add_argument("--positions", choices=["cache", "original"], default="cache",
                    help="RoPE positions: inside the cache (StreamingLLM) or the original ones")
+    p.add_argument("--rotation", choices=["hadamard", "none"], default="none",
+                   help="hadamard: rotate K and V along head_dim by an orthonormal Hadamard matrix "
+                        "before quantizing a block (spreads outlier channels; un-rotated when read, "
+                        "a D x D matmul over the ring keys per step)")
 
 
 def _add_export(sub) -> None:
@@ -198,7 +203,7 @@ def _export_policy(args, num_layers: int, loaded=None):
     from edgekv.policy import CachePolicy
 
     common = dict(window=args.window, sinks=args.sinks, block=args.block, group=args.group,
-                  positions=args.positions)
+                  positions=args.positions, rotation=args.rotation)
     if args.layer_bits:
         if len(args.layer_bits) != num_layers or any(len(x) != 2 for x in args.layer_bits):
             raise EdgekvError(f"--layer-bits needs {num_layers} K:V pairs (one per layer), "

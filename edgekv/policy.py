@@ -14,6 +14,7 @@ from edgekv.errors import PolicyError
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 PositionMode = Literal["cache", "original"]
+ROTATIONS = ("none", "hadamard")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,10 @@ class TensorSpec:
 @dataclass(frozen=True)
 class CachePolicy:
     """sinks S, window W (None: never evict), block B (= fp16 residual length),
-    value group G, code width per layer for keys and values, position mode."""
+    value group G, code width per layer for keys and values, position mode, and the
+    rotation of quantized ring blocks ("hadamard": K and V are multiplied by an orthonormal
+    Hadamard matrix along head_dim before quantizing and un-rotated when read; sinks, the
+    residual and 16-bit layers are never rotated)."""
 
     bits_k: tuple[int, ...]
     bits_v: tuple[int, ...]
@@ -52,6 +56,7 @@ class CachePolicy:
     block: int = 32
     group: int = 32
     positions: PositionMode = "cache"
+    rotation: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
@@ -97,6 +102,8 @@ class CachePolicy:
                                   f"(the ring evicts whole blocks), got {self.window}")
         if self.positions not in ("cache", "original"):
             raise PolicyError(f"positions must be 'cache' or 'original', got {self.positions!r}")
+        if self.rotation not in ROTATIONS:
+            raise PolicyError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
 
     def check_shape(self, shape: KVShape) -> None:
         """Errors for a policy that does not fit a model's cache shape."""
@@ -104,6 +111,9 @@ class CachePolicy:
             raise PolicyError(f"policy has bits for {self.num_layers} layers, model has {shape.num_layers}")
         if shape.head_dim % self.group or shape.head_dim % 8:
             raise PolicyError(f"group {self.group} must divide head_dim {shape.head_dim}")
+        if self.rotation == "hadamard" and shape.head_dim & (shape.head_dim - 1):
+            raise PolicyError(f"a Hadamard rotation needs a power-of-two head_dim, got {shape.head_dim}; "
+                              f"use rotation 'none'")
 
     # ---- byte accounting -------------------------------------------------------------
     def ring_capacity(self, context: int | None = None) -> int:
@@ -181,4 +191,5 @@ class CachePolicy:
         k = str(ks[0]) if len(ks) == 1 else "mixed"
         v = str(vs[0]) if len(vs) == 1 else "mixed"
         w = "inf" if self.window is None else str(self.window)
-        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}"
+        rot = "" if self.rotation == "none" else f" rot={self.rotation}"
+        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}"

@@ -128,10 +128,11 @@ def build_decoder(model, policy: CachePolicy, tokens: int, context: int | None =
         v16 = e.op("Cast", heads("v_proj", hkv), to=F16, out=f"new.{i}.v")
         new_outputs += [helper.make_tensor_value_info(n, F16, [1, hkv, t, d]) for n in (k16, v16)]
         bk, bv = policy.bits_k[i], policy.bits_v[i]
-        name = attention_name(bk, bv)
+        rotate = policy.rotation == "hadamard"
+        name = attention_name(bk, bv, rotate)
         if name not in functions:
             functions[name] = attention_function(bk, bv, num_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                                 block=policy.block, group=policy.group)
+                                                 block=policy.block, group=policy.group, rotate=rotate)
         cache = [f"past.{i}.{n}" for n in attention_inputs(bk, bv)[8:]]
         o = e.op(name, q, e.op("Cast", k16, to=F32), e.op("Cast", v16, to=F32),
                  cos, sin, cos_q, sin_q, mask, *cache, domain=DOMAIN)

@@ -158,30 +158,48 @@ def _quantize(e: Emitter, x: str, axis: int, bits: int) -> tuple[str, str, str]:
     return e.op("Cast", q, to=U8), scale, zero
 
 
-def quantize_keys_function(bits: int) -> FunctionProto:
-    """QuantizeKeys_b{bits}: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8], scale/zero [1,H,D]."""
+def _hadamard(e: Emitter, head_dim: int) -> str:
+    """The orthonormal Hadamard matrix as a constant (symmetric: it is its own transpose)."""
+    from edgekv.rotation import hadamard
+
+    return e.const(hadamard(head_dim), np.float32)
+
+
+def _suffix(rotate: bool) -> str:
+    return "_rot" if rotate else ""
+
+
+def quantize_keys_function(bits: int, rotate_dim: int = 0) -> FunctionProto:
+    """QuantizeKeys_b{bits}[_rot]: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8], scale/zero
+    [1,H,D]. rotate_dim = D: rotate x by the Hadamard matrix first (policy.rotation)."""
     e = Emitter()
     x = e.op("Cast", "x", to=F32)
+    if rotate_dim:
+        x = e.op("MatMul", x, _hadamard(e, rotate_dim))
     codes, scale, zero = _quantize(e, x, 2, bits)
     codes = pack(e, e.op("Transpose", codes, perm=[0, 1, 3, 2]), bits, rank=4)
     e.op("Identity", codes, out="codes")
     e.op("Identity", scale, out="scale")
     e.op("Identity", zero, out="zero")
-    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}", ["x"], ["codes", "scale", "zero"],
+    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}{_suffix(bool(rotate_dim))}", ["x"],
+                                ["codes", "scale", "zero"],
                                 e.nodes, [helper.make_opsetid("", OPSET)])
 
 
-def quantize_values_function(bits: int, group: int) -> FunctionProto:
-    """QuantizeValues_b{bits}_g{group}: x fp16 [1,H,T,D] -> codes [1,H,T,D*bits/8],
+def quantize_values_function(bits: int, group: int, rotate_dim: int = 0) -> FunctionProto:
+    """QuantizeValues_b{bits}_g{group}[_rot]: x fp16 [1,H,T,D] -> codes [1,H,T,D*bits/8],
     scale/zero [1,H,T,D/G]."""
     e = Emitter()
-    x = e.op("Reshape", e.op("Cast", "x", to=F32), e.i64(0, 0, 0, -1, group))
+    x = e.op("Cast", "x", to=F32)
+    if rotate_dim:
+        x = e.op("MatMul", x, _hadamard(e, rotate_dim))
+    x = e.op("Reshape", x, e.i64(0, 0, 0, -1, group))
     codes, scale, zero = _quantize(e, x, 4, bits)
     codes = pack(e, e.op("Reshape", codes, e.i64(0, 0, 0, -1)), bits, rank=4)
     e.op("Identity", codes, out="codes")
     e.op("Identity", scale, out="scale")
     e.op("Identity", zero, out="zero")
-    return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}", ["x"],
+    return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}{_suffix(bool(rotate_dim))}", ["x"],
                                 ["codes", "scale", "zero"], e.nodes, [helper.make_opsetid("", OPSET)])
 
 
@@ -197,8 +215,10 @@ def attention_inputs(bits_k: int, bits_v: int) -> list[str]:
             + ring_names(bits_k, "k") + ring_names(bits_v, "v"))
 
 
-def attention_name(bits_k: int, bits_v: int) -> str:
-    return f"CompressedAttention_k{bits_k}_v{bits_v}"
+def attention_name(bits_k: int, bits_v: int, rotate: bool = False) -> str:
+    """rotate: the policy rotates quantized blocks (a 16/16 layer has none to un-rotate)."""
+    rotated = rotate and (bits_k != 16 or bits_v != 16)
+    return f"CompressedAttention_k{bits_k}_v{bits_v}{_suffix(rotated)}"
 
 
 def _rope(e: Emitter, x: str, cos: str, sin: str) -> str:
@@ -234,7 +254,7 @@ def _ring_values(e: Emitter, bits: int, head_dim: int, group: int) -> str:
 
 
 def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads: int,
-                       head_dim: int, block: int, group: int) -> FunctionProto:
+                       head_dim: int, block: int, group: int, rotate: bool = False) -> FunctionProto:
     """CompressedAttention_k{bk}_v{bv}.
 
     Inputs: q [1,Hq,T,D] fp32 pre-RoPE; k, v [1,Hkv,T,D] fp32 (already fp16-rounded);
@@ -242,13 +262,25 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     mask bool [T,L+T]; the layer's cache buffers (fp16 sinks/residual, ring as stored).
     Output: o [1,Hq,T,D] fp32. Cache slots are attended in storage order; positions and
     the mask make the order irrelevant, so nothing is gathered or reordered.
+
+    rotate (quantized sides only): ring keys are un-rotated before RoPE (one D x D MatMul
+    over the ring: RoPE does not commute with the rotation); values are not -- the few
+    fp16 sink/residual/new values are rotated instead and the output un-rotated once,
+    since P @ (V H) = (P @ V) H.
     """
     e = Emitter()
     n_rep = num_heads // num_kv_heads
-    keys = e.op("Concat", e.op("Cast", "sink_k", to=F32), _ring_keys(e, bits_k, head_dim, block),
+    rot_k, rot_v = rotate and bits_k != 16, rotate and bits_v != 16
+    h = _hadamard(e, head_dim) if rot_k or rot_v else None
+    ring_k = _ring_keys(e, bits_k, head_dim, block)
+    if rot_k:
+        ring_k = e.op("MatMul", ring_k, h)
+    keys = e.op("Concat", e.op("Cast", "sink_k", to=F32), ring_k,
                 e.op("Cast", "residual_k", to=F32), "k", axis=2)
-    vals = e.op("Concat", e.op("Cast", "sink_v", to=F32), _ring_values(e, bits_v, head_dim, group),
-                e.op("Cast", "residual_v", to=F32), "v", axis=2)
+    fp_vals = [e.op("Cast", "sink_v", to=F32), e.op("Cast", "residual_v", to=F32), "v"]
+    if rot_v:
+        fp_vals = [e.op("MatMul", x, h) for x in fp_vals]
+    vals = e.op("Concat", fp_vals[0], _ring_values(e, bits_v, head_dim, group), *fp_vals[1:], axis=2)
     keys = _rope(e, keys, "cos_k", "sin_k")
     q = e.op("Mul", _rope(e, "q", "cos_q", "sin_q"), e.f32(1.0 / math.sqrt(head_dim)))
     # GQA: query head h reads KV head h // n_rep, so [1,Hq,T,D] -> [1,Hkv,n_rep,T,D] and
@@ -259,6 +291,8 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     scores = e.op("Where", "mask", scores, e.f32(-np.inf))
     probs = e.op("Softmax", scores, axis=-1)
     o = e.op("MatMul", probs, e.op("Unsqueeze", vals, e.i64(2)))  # [1,Hkv,n_rep,T,D]
+    if rot_v:
+        o = e.op("MatMul", o, h)
     e.op("Reshape", o, e.i64(1, num_heads, -1, head_dim), out="o")
-    return helper.make_function(DOMAIN, attention_name(bits_k, bits_v), attention_inputs(bits_k, bits_v),
+    return helper.make_function(DOMAIN, attention_name(bits_k, bits_v, rotate), attention_inputs(bits_k, bits_v),
                                 ["o"], e.nodes, [helper.make_opsetid("", OPSET)])

@@ -26,19 +26,21 @@ def pack_outputs(policy: CachePolicy) -> tuple[list[int], list[int]]:
 
 def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     """Inputs k, v fp16 [1,H,B,D]; outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
-    and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/G] for each width b used."""
+    and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/G] for each width b used
+    (of the Hadamard-rotated block when policy.rotation says so)."""
     policy.check_shape(shape)
     h, d, blk, g = shape.num_kv_heads, shape.head_dim, policy.block, policy.group
     kbits, vbits = pack_outputs(policy)
     e = Emitter()
     outputs, functions = [], []
+    rotate_dim = d if policy.rotation == "hadamard" else 0
     for side, widths in (("k", kbits), ("v", vbits)):
         for b in widths:
             if side == "k":
-                fn = quantize_keys_function(b)
+                fn = quantize_keys_function(b, rotate_dim)
                 shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d])
             else:
-                fn = quantize_values_function(b, g)
+                fn = quantize_values_function(b, g, rotate_dim)
                 shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // g], [1, h, blk, d // g])
             functions.append(fn)
             names = [f"{side}{b}_codes", f"{side}{b}_scale", f"{side}{b}_zero"]

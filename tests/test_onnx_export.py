@@ -158,3 +158,24 @@ def test_window_less_policy_sized_by_context(tiny_model):
     ins = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
     assert ins["past.0.ring_v_codes"] == [1, 2, 64, 8] and ins["cache_valid"] == [4 + 64 + 8]
     assert _compare(tiny_model, policy, prompt=30, new_tokens=20, context=64) < LOGITS_ATOL
+
+
+@pytest.mark.parametrize("bits_k,bits_v", [((4, 8), (2, 16)), ((3, 2), (3, 4)), ((16, 2), (3, 16))])
+def test_rotated_cache_matches_reference(tiny_model, bits_k, bits_v):
+    """policy.rotation = hadamard: pack.onnx rotates blocks, the attention un-rotates ring keys
+    and values (values through the output); the reference rotates the same way. Mixed
+    widths include 16-bit sides, which are never rotated."""
+    policy = _policy(bits_k, bits_v, rotation="hadamard")
+    diff = _compare(tiny_model, policy)
+    print(f"rotated: max |logit diff| {diff:.2e}")
+    assert diff < LOGITS_ATOL
+    assert any(f.name.endswith("_rot") for f in build_pack(policy, kv_shape(tiny_model.config)).functions)
+
+
+def test_rotation_changes_the_stored_codes(tiny_model):
+    """The rotation is really in the graphs: the same block packs to different codes."""
+    shape = kv_shape(tiny_model.config)
+    plain, rotated = _policy((3, 3), (3, 3)), _policy((3, 3), (3, 3), rotation="hadamard")
+    k = np.random.default_rng(0).standard_normal((1, shape.num_kv_heads, 8, shape.head_dim)).astype(np.float16)
+    outs = [session(build_pack(p, shape)).run(["k3_codes"], {"k": k, "v": k})[0] for p in (plain, rotated)]
+    assert not np.array_equal(*outs)

@@ -41,6 +41,20 @@ def test_pristine_bundle_opens(bundle):
     assert sum(len(layer["tensors"]) for layer in b.manifest["cache"]["layers"]) == len(b.cache_tensors)
 
 
+def test_manifest_rotation_field(bundle):
+    """Bundles written before the rotation field existed open as unrotated; an unknown
+    rotation is a clear error."""
+    m = _manifest(bundle)
+    assert m["policy"]["rotation"] == "none"
+    del m["policy"]["rotation"]
+    _write_manifest(bundle, m)
+    assert open_bundle(bundle).policy.rotation == "none"
+    m["policy"]["rotation"] = "givens"
+    _write_manifest(bundle, m)
+    with pytest.raises(BundleError, match="rotation"):
+        open_bundle(bundle)
+
+
 def test_hash_mismatch(bundle):
     data = bytearray((bundle / "weights.bin").read_bytes())
     data[1000] ^= 0xFF

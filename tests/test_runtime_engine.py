@@ -18,8 +18,8 @@ except ImportError:  # tests/ imported as a package
 GEOMETRY = dict(window=64, sinks=4, block=8, group=8)
 
 
-def _policy(bits_k, bits_v, positions="cache"):
-    return CachePolicy(bits_k=bits_k, bits_v=bits_v, positions=positions, **GEOMETRY)
+def _policy(bits_k, bits_v, positions="cache", rotation="none"):
+    return CachePolicy(bits_k=bits_k, bits_v=bits_v, positions=positions, rotation=rotation, **GEOMETRY)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,18 @@ def engine(bundle3):
     return Engine.load(bundle3)
 
 
-@pytest.mark.parametrize("bits_k,bits_v,positions", [
-    ((2, 2), (2, 2), "cache"), ((3, 3), (3, 3), "cache"), ((4, 4), (4, 4), "cache"),
-    ((4, 8), (2, 16), "cache"), ((16, 16), (16, 16), "cache"),
-    ((3, 3), (3, 3), "original"), ((4, 8), (2, 16), "original"),
+@pytest.mark.parametrize("bits_k,bits_v,positions,rotation", [
+    ((2, 2), (2, 2), "cache", "none"), ((3, 3), (3, 3), "cache", "none"), ((4, 4), (4, 4), "cache", "none"),
+    ((4, 8), (2, 16), "cache", "none"), ((16, 16), (16, 16), "cache", "none"),
+    ((3, 3), (3, 3), "original", "none"), ((4, 8), (2, 16), "original", "none"),
+    ((3, 2), (3, 4), "cache", "hadamard"), ((4, 8), (2, 16), "original", "hadamard"),
 ])
-def test_greedy_identical_to_reference(tiny_model, tiny_model_dir, tmp_path, bits_k, bits_v, positions):
+def test_greedy_identical_to_reference(tiny_model, tiny_model_dir, tmp_path, bits_k, bits_v, positions, rotation):
     """150-token prompt + 100 tokens through a 64-token window: eviction on every path
-    (full prefill chunks, padded prefill before boundaries, decode)."""
-    policy = _policy(bits_k, bits_v, positions)
+    (full prefill chunks, padded prefill before boundaries, decode); rotated blocks too."""
+    policy = _policy(bits_k, bits_v, positions, rotation)
     eng = Engine.load(make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy))
+    assert eng.bundle.policy.rotation == rotation  # through the manifest
     calls = []
     run = eng.backend.run
     eng.backend.run = lambda ids, t: calls.append((len(ids), t)) or run(ids, t)

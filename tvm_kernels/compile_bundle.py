@@ -33,6 +33,9 @@ def compile_bundle(bundle: str | Path, device: str) -> dict:
     path = Path(bundle)
     manifest = read_manifest(path)
     policy, shape = manifest_policy(manifest)
+    if policy.rotation != "none":
+        raise EdgekvError(f"{bundle}: the TVM kernels do not implement the {policy.rotation} rotation yet; "
+                          f"export with --rotation none to compile it")
     try:
         spec = host_spec() if device == "host" else device_spec(device)
     except FileNotFoundError:

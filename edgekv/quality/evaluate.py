@@ -20,11 +20,14 @@ class EvalSetting:
     block: int
     group: int
     positions: str = "cache"
+    rotation: str = "none"
     calibrated: float | None = None  # average code width: per-layer bits from calibration
 
     @property
     def label(self) -> str:
         w = "full" if self.window is None else f"W{self.window}"
+        if self.rotation != "none" and not self.bits_k == self.bits_v == 16:
+            w += f" {self.rotation}"
         if self.calibrated is not None:
             return f"calibrated {self.calibrated:g}-bit {w}"
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
@@ -32,13 +35,13 @@ class EvalSetting:
         return f"{kv} {w}"
 
     def geometry(self) -> tuple:
-        return (self.window, self.sinks, self.block, self.group, self.positions)
+        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation)
 
     def policy(self, num_layers: int, allocation=None) -> CachePolicy:
         """The cache policy; a calibrated setting needs its `allocation`
         (edgekv.allocation.Allocation) and without one validates its geometry only."""
         common = dict(window=self.window, sinks=self.sinks, block=self.block, group=self.group,
-                      positions=self.positions)
+                      positions=self.positions, rotation=self.rotation)
         if allocation is not None:
             return CachePolicy(bits_k=allocation.bits_k, bits_v=allocation.bits_v, **common)
         return CachePolicy.uniform(num_layers, bits_k=self.bits_k, bits_v=self.bits_v, **common)

@@ -29,9 +29,14 @@ class CompressedKVCache:
         # A window-less cache starts at `context` tokens (or one block) and grows.
         self._context = context if policy.window is not None else max(context or 0, policy.sinks + policy.block)
         self.layers = [self._allocate(i) for i in range(shape.num_layers)]
-        # Experiment (edgekv.rotation): Hadamard-rotate K and/or V before quantizing and
-        # un-rotate on read. Off by default; not in the bundle format.
+        # policy.rotation rotates K and V of quantized blocks (edgekv.rotation); bench/rotation.py
+        # also sets one side alone through this dict.
         self.rotation: dict[str, torch.Tensor] = {}
+        if policy.rotation == "hadamard":
+            from edgekv.rotation import hadamard
+
+            h = torch.from_numpy(hadamard(shape.head_dim))
+            self.rotation = {"k": h, "v": h}
         self.n_sink = 0
         self.n_res = 0
         self.blocks_pushed = 0
