@@ -241,10 +241,20 @@ def _run_export(args) -> int:
                           f"(prefill chunks never straddle a block boundary)")
     if args.window is None:
         raise EdgekvError("a bundle needs a finite --window (a device allocates the cache once)")
+    from edgekv.export.model_loading import resolve_model_path
+
     t0 = time.perf_counter()
+    source = resolve_model_path(args.model)
+    dtype = args.dtype if args.dtype != "auto" else "gguf" if source.suffix == ".gguf" else "fp32"
+    if dtype == "gguf":  # before minutes of calibration and tracing
+        from edgekv.export.bundle import check_gguf_source
+
+        check_gguf_source(source)
     console = Console(stderr=True)
-    steps = ["loading model"] + (["calibrating bits"] if _calibrated(args) else []) + ["tracing decode graph", "tracing prefill graph", "writing weights",
-             "checking graphs", "writing tokenizer and manifest"]
+    steps = (["loading model"] + (["calibrating bits"] if _calibrated(args) else [])
+             + ["tracing decode graph", "tracing prefill graph"]
+             + (["reading the GGUF's weight blocks"] if dtype == "gguf" else [])
+             + ["writing weights", "checking graphs", "writing tokenizer and manifest"])
     with Progress(TextColumn("[bold]export"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(steps[0], total=len(steps))
@@ -255,14 +265,6 @@ def _run_export(args) -> int:
         from edgekv.export.bundle import write_bundle
         from edgekv.export.model_loading import load_model
 
-        from edgekv.export.model_loading import resolve_model_path
-
-        source = resolve_model_path(args.model)
-        dtype = args.dtype if args.dtype != "auto" else "gguf" if source.suffix == ".gguf" else "fp32"
-        if dtype == "gguf":  # before minutes of calibration and tracing
-            from edgekv.export.bundle import check_gguf_source
-
-            check_gguf_source(source)
         loaded = load_model(args.model)
         if _calibrated(args):
             step("calibrating bits")
