@@ -37,13 +37,11 @@ class EvalSetting:
     def geometry(self) -> tuple:
         return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation)
 
-    def policy(self, num_layers: int, allocation=None) -> CachePolicy:
-        """The cache policy; a calibrated setting needs its `allocation`
-        (edgekv.allocation.Allocation) and without one validates its geometry only."""
+    def policy(self, num_layers: int) -> CachePolicy:
+        """The cache policy; for a calibrated setting, its geometry with the base widths
+        (the bits come from `calibrated_setting`)."""
         common = dict(window=self.window, sinks=self.sinks, block=self.block, group=self.group,
                       positions=self.positions, rotation=self.rotation)
-        if allocation is not None:
-            return CachePolicy(bits_k=allocation.bits_k, bits_v=allocation.bits_v, **common)
         return CachePolicy.uniform(num_layers, bits_k=self.bits_k, bits_v=self.bits_v, **common)
 
 
@@ -85,11 +83,11 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
     rows, sens, done = [], {}, []
     run_eval.calibration = {}
     for s in settings:
-        allocation = sens_used = None
+        sens_used = None
+        policy = s.policy(shape.num_layers)
         if s.calibrated is not None:
-            allocation, sens_used = calibrated_allocation(model, tokenizer, s, shape.num_layers, sens)
+            policy, sens_used = calibrated_setting(model, tokenizer, s, shape.num_layers, sens)
             run_eval.calibration[s.label] = sens_used.meta
-        policy = s.policy(shape.num_layers, allocation)
         ref = ReferenceModel(model, policy)
         t0 = time.perf_counter()
         ppl = perplexity(ref, ids, sequences=sequences, progress=progress)
@@ -100,7 +98,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
         predicted = None
         if sens_used is not None:
             predicted = 100.0 * math.expm1(sens_used.predicted_loss(policy.bits_k, policy.bits_v))
-        per_layer = allocation is not None
+        per_layer = s.calibrated is not None
         rows.append(EvalRow(
             setting=s.label, bits_k=list(policy.bits_k) if per_layer else s.bits_k,
             bits_v=list(policy.bits_v) if per_layer else s.bits_v, window=s.window, sinks=s.sinks,
@@ -121,15 +119,16 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
     return rows
 
 
-def calibrated_allocation(model, tokenizer, s: EvalSetting, num_layers: int, memo: dict):
-    """(Allocation, Sensitivity) for a calibrated setting; one calibration per geometry."""
-    from edgekv.allocation import allocate
-    from edgekv.calibration import measure
+def calibrated_setting(model, tokenizer, s: EvalSetting, num_layers: int, memo: dict):
+    """(policy, Sensitivity) for a calibrated setting, chosen exactly as `edgekv export`
+    chooses it (calibration.calibrated_policy); one sensitivity measurement per geometry."""
+    from edgekv.calibration import calibrated_policy, measure
 
     key = s.geometry()
     if key not in memo:
         memo[key] = measure(model, tokenizer, s.policy(num_layers))
-    return allocate(memo[key], s.calibrated), memo[key]
+    policy, _ = calibrated_policy(model, tokenizer, s.policy(num_layers), s.calibrated, sens=memo[key])
+    return policy, memo[key]
 
 
 def _fill_deltas(rows: list[EvalRow]) -> None:
