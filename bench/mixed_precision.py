@@ -2,7 +2,9 @@
 
 One process, one model, every row against the fp16 cache with the same window measured in
 the same run: average code widths 2, 2.5, 3, 4 (uniform 2.5 = K3/V2; calibrated 2 is
-uniform 2 by construction, since every width is then 2). Perplexity through the cache on
+uniform 2 by construction, since every width is then 2), each without and with the Hadamard
+rotation (--rotation). Calibrated rows are chosen as `edgekv export` chooses: the allocation,
+or the uniform layout when that scores better on held-out calibration text. Perplexity through the cache on
 the evaluation text (calibration reads only the held-out last quarter), passkey, code bits
 and bits with scale/zero per element, bytes against fp16.
 
@@ -24,17 +26,19 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=2)
     ap.add_argument("--passkey-lengths", default="")
     ap.add_argument("--passkey-depths", default="0.1,0.5,0.9")
+    ap.add_argument("--rotation", default="none,hadamard", help="rotations to evaluate, comma-separated")
     ap.add_argument("--json", default="bench/results/mixed-precision-smollm2.json")
     args = ap.parse_args()
     from edgekv.export.model_loading import load_model
     from edgekv.quality.evaluate import EvalSetting, run_eval
     from edgekv.quality.text import DEFAULT_TEXT_SOURCE, evaluation_text
 
-    geo = (1024, 4, 32, 32, "cache")
-    settings = [EvalSetting(16, 16, *geo), EvalSetting(2, 2, *geo), EvalSetting(3, 2, *geo),
-                EvalSetting(3, 3, *geo), EvalSetting(4, 4, *geo),
-                EvalSetting(2, 2, *geo, calibrated=2.5), EvalSetting(2, 2, *geo, calibrated=3.0),
-                EvalSetting(2, 2, *geo, calibrated=4.0)]
+    settings = [EvalSetting(16, 16, 1024, 4, 32, 32, "cache")]
+    for rotation in args.rotation.split(","):
+        geo = (1024, 4, 32, 32, "cache", rotation)
+        settings += [EvalSetting(2, 2, *geo), EvalSetting(3, 2, *geo), EvalSetting(3, 3, *geo),
+                     EvalSetting(4, 4, *geo), EvalSetting(2, 2, *geo, calibrated=2.5),
+                     EvalSetting(2, 2, *geo, calibrated=3.0), EvalSetting(2, 2, *geo, calibrated=4.0)]
     loaded = load_model("default")
     lengths = [int(x) for x in args.passkey_lengths.split(",") if x]
     depths = [float(x) for x in args.passkey_depths.split(",") if x]
