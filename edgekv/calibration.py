@@ -21,14 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from edgekv.allocation import WIDTHS, Sensitivity, allocate, uniform_pair
-from edgekv.policy import CachePolicy, PolicyError
+from edgekv.allocation import WIDTHS, Sensitivity, allocate
+from edgekv.policy import CachePolicy
 from edgekv.reference import quant_torch as qt
 from edgekv.reference.model import _rotate_half, check_supported, kv_shape
 
 # 512 tokens keep export within its time budget on 2 CPU cores (one forward + backward).
 DEFAULT_TOKENS = 512
-VALIDATION_TOKENS = 1024  # 2 sequences of 512, scored through the cache
 DEFAULT_QUERIES = 128
 
 
@@ -212,60 +211,22 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
     return Sensitivity(tuple(widths), tuple(keys), tuple(values), meta)
 
 
-def validation_ids(tokenizer, tokens: int = VALIDATION_TOKENS) -> list[int]:
-    """Calibration text after the part `measure` reads: held out from the sensitivities."""
-    from edgekv.quality.text import calibration_text
-
-    ids = tokenizer(calibration_text()).input_ids[DEFAULT_TOKENS:DEFAULT_TOKENS + tokens]
-    if len(ids) < 4:
-        raise ValueError("calibration text is too short for a validation pass")
-    return ids
-
-
-def validation_nll(model, ids: list[int], policy: CachePolicy) -> float:
-    """Mean NLL of `ids` (2 sequences) through a cache with `policy`."""
-    from edgekv.quality.perplexity import perplexity
-    from edgekv.reference.model import ReferenceModel
-
-    return math.log(perplexity(ReferenceModel(model, policy), ids, sequences=2).ppl)
-
-
 def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
                       sens: Sensitivity | None = None) -> tuple[CachePolicy, dict]:
     """(`base` with calibrated per-layer bits for an average of `target`, the manifest's
     'allocation' section: how the bits were chosen). `sens`: an earlier `measure` of the
-    same geometry.
-
-    The sensitivity proxy can be wrong: with a Hadamard rotation all layers look alike and
-    the allocator spends 2-bit codes on its estimation noise (measured on SmolLM2 at 3 bits:
-    +1.09 % calibrated vs +0.40 % uniform). So when a uniform layout has the same average,
-    both are scored on held-out calibration text and the better one is kept."""
+    same geometry."""
     sens = sens or measure(model, tokenizer, base)
     alloc = allocate(sens, target)
     policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
     shape = kv_shape(model.config)
     n = base.num_layers
-    validation = None
-    try:
-        pair = uniform_pair(target)
-    except PolicyError:
-        pair = None
-    if pair is not None and (policy.bits_k, policy.bits_v) != ((pair[0],) * n, (pair[1],) * n):
-        uniform = base.with_(bits_k=(pair[0],) * n, bits_v=(pair[1],) * n)
-        ids = validation_ids(tokenizer)
-        nll = {"calibrated": validation_nll(model, ids, policy), "uniform": validation_nll(model, ids, uniform)}
-        chosen = min(nll, key=nll.get)
-        if chosen == "uniform":
-            policy = uniform
-        validation = {"tokens": len(ids), "text": "calibration part, after the sensitivity tokens",
-                      "nll": nll, "uniform_pair": list(pair), "chosen": chosen}
     predicted = sens.predicted_loss(policy.bits_k, policy.bits_v)
     uniform_loss = None
     if float(target).is_integer() and int(target) in sens.widths:
         uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)
     return policy, {
         "layout": "calibrated", "target_bits": target, "average_bits": policy.average_bits(),
-        "validation": validation,
         "bits_per_element_with_metadata": policy.bits_per_element(shape),
         "widths": list(sens.widths),
         "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "
