@@ -151,10 +151,12 @@ def _add_policy_args(p) -> None:
     p.add_argument("--group", type=int, default=32, help="channels per value quantization group")
     p.add_argument("--positions", choices=["cache", "original"], default="cache",
                    help="RoPE positions: inside the cache (StreamingLLM) or the original ones")
-    p.add_argument("--rotation", choices=["hadamard", "none"], default="none",
+    p.add_argument("--rotation", choices=["hadamard", "none"], default="hadamard",
                    help="hadamard: rotate K and V along head_dim by an orthonormal Hadamard matrix "
-                        "before quantizing a block (spreads outlier channels; un-rotated when read, "
-                        "a D x D matmul over the ring keys per step)")
+                        "before quantizing a block, which spreads outlier channels (SmolLM2, "
+                        "uniform 3-bit: +1.42 %% -> +0.40 %% perplexity; decode within 8 %% of "
+                        "unrotated: ring keys are un-rotated by a D x D matmul per step); none: "
+                        "no rotation")
 
 
 def _add_export(sub) -> None:

@@ -44,7 +44,7 @@ def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model_dir):
                  "--group", "8", "--text", str(text), "--max-tokens", "300", "--sequences", "2",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64", "2-bit W64"]
+    assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64 hadamard", "2-bit W64 hadamard"]
     assert rows[0]["delta_pct"] == 0.0 and rows[2]["fp16_ratio"] < rows[1]["fp16_ratio"] < 1.0
     assert all(r["ppl"] > 1.0 for r in rows)
 
@@ -57,7 +57,7 @@ def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
                  "--group", "8", "--text", str(text), "--max-tokens", "200",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][1]
-    assert row["setting"] == "calibrated 2.5-bit W64" and len(row["bits_k"]) == 2
+    assert row["setting"] == "calibrated 2.5-bit W64 hadamard" and len(row["bits_k"]) == 2
     assert row["average_bits"] == sum(row["bits_k"] + row["bits_v"]) / 4 <= 2.5
     assert row["bits_per_element"] == row["average_bits"] + 4  # fp16 scale + zero per 8
     assert row["predicted_delta_pct"] is not None

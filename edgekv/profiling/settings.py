@@ -19,7 +19,8 @@ def bundle_label(manifest: dict) -> str:
         bits = f"K{ks[0]}V{vs[0]}"
     else:
         bits = f"mixed {p.get('average_bits', 0):.2f}-bit"
-    return f"edgekv {bits} W{p['window']}"
+    rot = f" {p['rotation']}" if p.get("rotation", "none") != "none" and bits != "fp16" else ""
+    return f"edgekv {bits} W{p['window']}{rot}"
 
 
 def bundle_setting(path: str, device: str, budget: int | None) -> Setting:
