@@ -36,13 +36,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    p.add_argument("--backend", default="ort", choices=["ort", "ort+tvm", "tvm"],
+                   help="ort: onnxruntime; ort+tvm: onnxruntime for the layers and the fused TVM kernel "
+                        "for decode attention (needs the tvm extra; `edgekv compile BUNDLE --device host` "
+                        "stores the kernels in the bundle); tvm: the whole graphs compiled by Relax")
 
 
 def _load(args):
     from edgekv.runtime.engine import Engine
 
     return Engine.load(args.bundle, device=args.device, budget=args.budget, threads=args.threads or None,
-                       verify=not args.no_verify)
+                       verify=not args.no_verify, backend=args.backend)
 
 
 def _sampling(args) -> dict:

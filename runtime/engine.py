@@ -375,9 +375,22 @@ def _tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threa
     return TvmBackend(b, state, threads)
 
 
+def _ort_tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, threads: int | None,
+             profile_prefix: None = None):
+    from edgekv.runtime.kernel_backend import KernelBackend, available
+
+    missing = available()
+    if missing:
+        raise EngineError(f"backend 'ort+tvm' needs {' and '.join(missing)} (pip install 'edgekv[tvm]')")
+    if dev.kind != "cpu":
+        warnings.warn(f"backend 'ort+tvm' runs its kernels on the CPU only so far; device {dev.name} runs on "
+                      f"its CPU", RuntimeWarning, stacklevel=4)
+    return KernelBackend(b, state, ("CPUExecutionProvider",), threads, dev.name)
+
+
 # name -> factory(bundle, state, device, device_named_explicitly, threads, profile_prefix);
 # each imports its runtime library only when chosen.
-BACKENDS: dict[str, Callable[..., "OrtBackend"]] = {"ort": _ort, "tvm": _tvm}
+BACKENDS: dict[str, Callable[..., "OrtBackend"]] = {"ort": _ort, "tvm": _tvm, "ort+tvm": _ort_tvm}
 
 
 def _providers(dev: DeviceProfile, available: list[str], explicit: bool) -> list[str]:

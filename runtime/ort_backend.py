@@ -26,7 +26,7 @@ here: no GPU). Keeping the ring on the device is the TVM backend's job.
 from __future__ import annotations
 
 import mmap
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -66,6 +66,7 @@ def _shared_cpu_arena() -> None:
 
 class OrtBackend:
     name = "ort"
+    GRAPHS = ("decode", "prefill", "pack")  # a subclass may run decode its own way
 
     def __init__(self, bundle: Bundle, state: CacheState, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None, profile_prefix: str | None = None) -> None:
@@ -78,7 +79,8 @@ class OrtBackend:
         self._weights = np.frombuffer(self._map, np.uint8) if self._map is not None else None
         self._initializers: dict[str, ort.OrtValue] = {}  # shared by decode and prefill
         self.prepack = bundle.manifest["graphs"].get("weights_dtype") == "gguf"
-        self.sessions = {kind: self._session(bundle, kind) for kind in ("decode", "prefill", "pack")}
+        self.sessions = {kind: self._session(bundle, kind) for kind in self.GRAPHS}
+        self._setup_extra_sessions(bundle)
         if self.prepack and self._map is not None:
             # the packed copies are what runs now; untouched pages fault back in if read
             self._map.madvise(mmap.MADV_DONTNEED)
@@ -90,7 +92,8 @@ class OrtBackend:
         self.new_k = {t: [np.zeros((1, sh.num_kv_heads, t, sh.head_dim), np.float16)
                           for _ in range(sh.num_layers)] for t in (1, self.chunk)}
         self.new_v = {t: [np.zeros_like(k) for k in self.new_k[t]] for t in (1, self.chunk)}
-        self._graph_io = {1: self._bind_graph("decode", 1), self.chunk: self._bind_graph("prefill", self.chunk)}
+        self._graph_io = {t: self._bind_graph(kind, t) for t, kind in ((1, "decode"), (self.chunk, "prefill"))
+                          if kind in self.sessions}
         pack_sess = self.sessions["pack"]
         self.packed = {o.name: np.zeros(o.shape, _NP_TYPES[o.type]) for o in pack_sess.get_outputs()}
         self._pack_io = [self._bind_pack(i) for i in range(sh.num_layers)]
@@ -108,17 +111,29 @@ class OrtBackend:
         so.add_session_config_entry("session.use_env_allocators", "1")
         return so
 
-    def _session(self, bundle: Bundle, kind: str) -> ort.InferenceSession:
+    def _setup_extra_sessions(self, bundle: Bundle) -> None:
+        """Hook for subclasses: more sessions, created before the weights' pages are dropped."""
+
+    def _session(self, bundle: Bundle, kind: str, model: bytes | None = None,
+                 weights: Collection[str] = ()) -> ort.InferenceSession:
+        """A session on graph `kind` of the bundle, or on the serialized ONNX `model` (which
+        uses the external initializers `weights` of `kind`), with the shared mapped weights."""
         so = self._options()
         if self.profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = f"{self.profile_prefix}_{kind}"
         for t in bundle.external_weights(kind):
+            if model is not None and t.name not in weights:
+                continue
             if t.name not in self._initializers:
                 data = self._weights[t.offset:t.offset + t.length].view(t.dtype).reshape(t.shape)
                 self._initializers[t.name] = ort.OrtValue.ortvalue_from_numpy(data)
             so.add_initializer(t.name, self._initializers[t.name])
-        return ort.InferenceSession(str(bundle.graph_path(kind)), so, providers=self.providers)
+        if model is not None:  # a graph given as bytes finds its external data in this folder
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(bundle.graph_path(kind).parent))
+        source = model if model is not None else str(bundle.graph_path(kind))
+        return ort.InferenceSession(source, so, providers=self.providers)
 
     @staticmethod
     def _bind(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool = False) -> None:
@@ -182,4 +197,4 @@ class OrtBackend:
 
     @property
     def active_providers(self) -> list[str]:
-        return self.sessions["decode"].get_providers()
+        return self.sessions["prefill"].get_providers()

@@ -1,0 +1,78 @@
+"""Engine.load(..., backend="ort+tvm"): onnxruntime segments + the fused TVM decode kernel
+give the onnxruntime backend's greedy tokens and logits."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from edgekv.policy import CachePolicy  # noqa: E402
+from edgekv.runtime import Engine  # noqa: E402
+from edgekv.runtime.kernel_backend import KernelBackendError  # noqa: E402
+
+try:
+    from runtime_helpers import make_bundle
+except ImportError:  # tests/ imported as a package
+    from tests.runtime_helpers import make_bundle
+
+
+def _run(bundle, backend, prompt, n):
+    eng = Engine.load(bundle, backend=backend)
+    assert eng.backend.name == backend
+    steps, run = [], eng.backend.run
+    eng.backend.run = lambda ids, t: steps.append((t, run(ids, t).copy())) or steps[-1][1]
+    toks = list(eng.generate_tokens(prompt, n, ignore_eos=True))
+    assert eng.state.blocks_pushed > eng.state.slots  # the ring has wrapped: eviction ran
+    return toks, steps
+
+
+@pytest.mark.parametrize("bits", [((4, 8), (2, 16)), ((3, 2), (3, 4))])
+def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits):
+    """30-token prompt + 60 tokens through a 32-token window: decode steps fill sinks and
+    the residual, and attend over a ring that wraps (mixed 2/3/4/8/16-bit layers)."""
+    policy = CachePolicy(bits_k=bits[0], bits_v=bits[1], window=32, sinks=4, block=8, group=8, rotation="none")
+    bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
+    prompt = np.random.default_rng(0).integers(0, 90, 30).tolist()
+    with pytest.warns(RuntimeWarning, match="compiling the decode kernels"):
+        got, steps = _run(bundle, "ort+tvm", prompt, 60)
+    want, ref = _run(bundle, "ort", prompt, 60)
+    assert got == want
+    assert [t for t, _ in steps] == [t for t, _ in ref]
+    assert sum(t == 1 for t, _ in steps) > 50  # most steps ran the kernels
+    # Every step's logits (a random tiny model repeats tokens, so argmax alone says little).
+    np.testing.assert_allclose(np.stack([x for _, x in steps]), np.stack([x for _, x in ref]), rtol=0, atol=1e-4)
+
+
+def test_decode_from_sinks_only(tiny_model, tiny_model_dir, tmp_path):
+    """A 1-token prompt: the first steps write sinks, attention sees only them."""
+    policy = CachePolicy.uniform(2, 3, window=16, sinks=4, block=8, group=8, rotation="none")
+    bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
+    outs = {}
+    for backend in ("ort", "ort+tvm"):
+        eng = Engine.load(bundle, backend=backend)
+        outs[backend] = list(eng.generate_tokens([5], 40, ignore_eos=True))
+    assert outs["ort+tvm"] == outs["ort"]
+
+
+def test_refuses_rotated_bundle(tiny_model, tiny_model_dir, tmp_path):
+    policy = CachePolicy.uniform(2, 3, window=16, sinks=4, block=8, group=8, rotation="hadamard")
+    bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
+    with pytest.raises(KernelBackendError, match="rotation"):
+        Engine.load(bundle, backend="ort+tvm")
+
+
+def test_uses_the_bundles_compiled_library(tiny_model, tiny_model_dir, tmp_path):
+    """After `edgekv compile --device host` the kernels are loaded, not compiled again."""
+    import warnings
+
+    from edgekv.cli import main
+
+    policy = CachePolicy.uniform(2, 4, window=16, sinks=4, block=8, group=8, rotation="none")
+    bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
+    assert main(["compile", str(bundle), "--device", "host"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eng = Engine.load(bundle, backend="ort+tvm")
+    got = list(eng.generate_tokens([7, 8, 9], 30, ignore_eos=True))
+    want = list(Engine.load(bundle, backend="ort").generate_tokens([7, 8, 9], 30, ignore_eos=True))
+    assert got == want
