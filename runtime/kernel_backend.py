@@ -38,10 +38,6 @@ class KernelBackendError(EdgekvError):
 
 
 def _check_bundle(bundle: Bundle) -> None:
-    p = bundle.policy
-    if p.rotation != "none":
-        raise KernelBackendError(f"{bundle.path}: the TVM kernels do not implement the {p.rotation} rotation "
-                                 f"yet; use backend 'ort', or export with --rotation none")
     rope = bundle.model.get("rope") or {}
     if rope.get("rope_type", "default") != "default":
         raise KernelBackendError(f"{bundle.path}: RoPE type {rope.get('rope_type')!r} is not supported by "

@@ -64,3 +64,16 @@ def test_tuning_records_apply_and_match_reference():
     out = tvm.runtime.empty(ref.shape, "float32")
     lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
     np.testing.assert_allclose(out.numpy(), ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("bits_k,bits_v", [(3, 3), (2, 4), (16, 3), (4, 16)])
+def test_rotated_cache_matches_reference(bits_k, bits_v):
+    """policy.rotation = hadamard: ring keys are un-rotated in the tile (fast Walsh-Hadamard
+    stages) before RoPE, the ring's share of the output once per query head; fp16 sides and
+    16-bit layers are not rotated. Decode and a prefill chunk, over a wrapped ring."""
+    pol = CachePolicy.uniform(1, bits_k=bits_k, bits_v=bits_v, sinks=S, window=W, block=B, group=16,
+                              rotation="hadamard")
+    for fill, chunk in ((S + 5, 1), (S + 2 * B + 3, 1), (S + 9 * B + 7, 1), (S + 9 * B, 8)):
+        params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=chunk, seed=fill)
+        assert params.rotate
+        np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")

@@ -74,7 +74,8 @@ def kernel_case(policy: CachePolicy, shape: KVShape, num_heads: int, tokens: int
         layer["residual_v"][:, :, cache.n_res:cache.n_res + c] = v
         counts = [cache.n_sink, cache.ring_filled, cache.n_res + c]
     slots = p.window // p.block
-    params = AttnParams(num_heads, h, d, p.sinks, slots, p.block, p.group, p.bits_k[0], p.bits_v[0], c)
+    params = AttnParams(num_heads, h, d, p.sinks, slots, p.block, p.group, p.bits_k[0], p.bits_v[0], c,
+                        p.rotation == "hadamard")
     tables = RopeTables(p, freqs, slots)
     tables.update(cache.n_sink, cache.blocks_pushed)
     ring_k = ["ring_k"] if params.bits_k == 16 else ["ring_k_codes", "ring_k_scale", "ring_k_zero"]

@@ -66,6 +66,32 @@ def _exp(x):
     return y * tirx.reinterpret(F32, bits)
 
 
+def _butterfly(x, shape, idx, set_idx, bit: int, scale: float | None, name: str):
+    """One radix-2 stage of the fast Walsh-Hadamard transform along a channel index:
+    (a, b) -> (a + b, a - b) for the channel pairs that differ in `bit`. `idx` reads the
+    channel index from the loop variables, `set_idx` builds the loop variables with another
+    channel. log2(D) stages give x times the unnormalised Sylvester matrix (D log D adds
+    instead of the D x D matmul); `scale` (1/sqrt(D)) goes on the last stage."""
+    def f(*v):
+        c = idx(*v)
+        lo = tirx.floordiv(c, 2 * bit) * (2 * bit) + tirx.floormod(c, bit)
+        a, b = x[set_idx(v, lo)], x[set_idx(v, lo + bit)]
+        y = tirx.Select(tirx.floormod(tirx.floordiv(c, bit), 2) == 0, a + b, a - b)
+        return y * tirx.const(scale, F32) if scale is not None else y
+    return te.compute(shape, f, name=name)
+
+
+def _unrotate(x, shape, idx, set_idx, d: int, name: str):
+    """x times the orthonormal Hadamard matrix along the channel index (H is symmetric and
+    its own inverse, so this un-rotates what the pack step rotated)."""
+    bit, stage = 1, 0
+    while bit < d:
+        last = bit * 2 == d
+        x = _butterfly(x, shape, idx, set_idx, bit, 1.0 / math.sqrt(d) if last else None, f"{name}{stage}")
+        bit, stage = bit * 2, stage + 1
+    return x
+
+
 def attention_te(p: AttnParams) -> list[te.Tensor]:
     hq, h, d, s, n, b, g, c = p.num_heads, p.num_kv_heads, p.head_dim, p.sinks, p.slots, p.block, p.group, p.chunk
     r, d2, u, w = p.rep, p.head_dim // 2, p.block // 8, p.head_dim // 8
@@ -108,6 +134,12 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
         kd = te.compute((h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: _code(
             lambda x: codes[0, i, m, hf * d2 + e, x], t, l, bk).astype(F32)
             * ksc[0, i, m, hf * d2 + e].astype(F32) + kz[0, i, m, hf * d2 + e].astype(F32), name="kdeq")
+
+    if p.rotate and bk != 16:
+        # the key tile's channel is hf * D/2 + e: un-rotate it before RoPE (which does not
+        # commute with H), in L1 with the tile (schedule_cpu computes the stages per block)
+        kd = _unrotate(kd, (h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: hf * d2 + e,
+                       lambda v, c: (v[0], v[1], tirx.floordiv(c, d2), tirx.floormod(c, d2), v[4], v[5]), d, "kunrot")
 
     # RoPE at p0 + t is a rotation R(p0) R(t): keys get only the in-block R(t) (a constant
     # table), the query gets R(p0)^T once per block: 2 ops per key element instead of 6.
@@ -211,9 +243,15 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
         osn = te.reduce_axis((0, s), name="osn")
         ors = te.compute((h, r, c, d), lambda i, j, k, e: te.sum(es_[i, j, k, osn] * sink_v[0, i, osn, e].astype(F32), axis=osn), name="pv_sink")
 
+    if p.rotate and bv != 16:
+        # ring values are V H: their weighted sum is (P V) H, un-rotated once per query head
+        ring_out = _unrotate(te.compute((h, r, c, d), lambda i, j, k, e: orr[i, j, k, e // 8, e % 8], name="pv_ring_rot"),
+                             (h, r, c, d), lambda i, j, k, e: e, lambda v, ch: (v[0], v[1], v[2], ch), d, "vunrot")
+
     def _out(z, qh, k, e):
         i, j = qh // r, qh % r
-        v = orr[i, j, k, e // 8, e % 8] + ore[i, j, k, e]
+        ring = ring_out[i, j, k, e] if p.rotate and bv != 16 else orr[i, j, k, e // 8, e % 8]
+        v = ring + ore[i, j, k, e]
         if s:
             v = v + ors[i, j, k, e]
         return v / denom[i, j, k]

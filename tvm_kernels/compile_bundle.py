@@ -3,8 +3,9 @@
 Writes tvm/<device>.so (+ .fatbin for CUDA targets) and records them in the manifest:
 the files with size and sha256 (so open_bundle verifies them like every other file) and
 a `tvm` section per device: target, library, function names. The manifest is replaced
-atomically. The runtime does not load these libraries yet (docs/ARCHITECTURE.md, "TVM
-kernels": the Relax integration is the missing step).
+atomically. `Engine.load(..., backend="ort+tvm")` loads the host's library and runs its
+decode kernels. A rotated bundle's library holds attention kernels only (the pack kernels
+do not rotate; pack.onnx does).
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ def compile_bundle(bundle: str | Path, device: str) -> dict:
     path = Path(bundle)
     manifest = read_manifest(path)
     policy, shape = manifest_policy(manifest)
-    if policy.rotation != "none":
-        raise EdgekvError(f"{bundle}: the TVM kernels do not implement the {policy.rotation} rotation yet; "
-                          f"export with --rotation none to compile it")
     try:
         spec = host_spec() if device == "host" else device_spec(device)
     except FileNotFoundError:

@@ -51,8 +51,11 @@ class AttnParams:
     bits_k: int
     bits_v: int
     chunk: int = 1
+    rotate: bool = False  # quantized ring blocks hold K/V times the Hadamard matrix (policy.rotation)
 
     def __post_init__(self) -> None:
+        if self.rotate and self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"the Hadamard rotation needs a power-of-two head_dim, got {self.head_dim}")
         if self.bits_k not in ATTN_BITS or self.bits_v not in ATTN_BITS:
             raise ValueError(f"attention supports bits {ATTN_BITS}, got K{self.bits_k} V{self.bits_v}")
         if self.num_heads % self.num_kv_heads:
@@ -71,7 +74,8 @@ class AttnParams:
     @property
     def key(self) -> str:
         return (f"hq{self.num_heads}_hkv{self.num_kv_heads}_d{self.head_dim}_s{self.sinks}"
-                f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}")
+                f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}"
+                + ("_rot" if self.rotate else ""))
 
     @property
     def tokens(self) -> int:
@@ -101,4 +105,5 @@ def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
     policy.check_shape(shape)
     slots = policy.ring_capacity(context) // policy.block
     return AttnParams(num_heads, shape.num_kv_heads, shape.head_dim, policy.sinks, slots,
-                      policy.block, policy.group, policy.bits_k[layer], policy.bits_v[layer], chunk)
+                      policy.block, policy.group, policy.bits_k[layer], policy.bits_v[layer], chunk,
+                      policy.rotation == "hadamard")

@@ -26,18 +26,6 @@ def pack(sch: Schedule) -> Schedule | None:
     return None
 
 
-def _blocks(sch: Schedule) -> set[str]:
-    fn = sch.mod["main"]
-    names: set[str] = set()
-
-    def visit(node):
-        if isinstance(node, tvm.s_tir.SBlock):
-            names.add(node.name_hint)
-
-    tvm.tirx.stmt_functor.post_order_visit(fn.body, visit)
-    return names
-
-
 def _scores(sch: Schedule, p: AttnParams) -> None:
     blk = sch.get_sblock("score_ring")
     i, j, k, m, t, lane, rh, re = sch.get_loops(blk)
@@ -46,7 +34,9 @@ def _scores(sch: Schedule, p: AttnParams) -> None:
     sch.reorder(i, m, rh, re, j, k, t, lane)
     par = sch.fuse(i, m)
     sch.parallel(par)
-    for name in ("krot", "kdeq", "q_blk"):
+    stages = p.head_dim.bit_length() - 1 if p.rotate and p.bits_k != 16 else 0
+    unrot = [f"kunrot{s}" for s in reversed(range(stages))]  # attention._unrotate's stages
+    for name in ("krot", *unrot, "kdeq", "q_blk"):  # consumers before producers
         b = sch.get_sblock(name)
         sch.compute_at(b, par)
         sch.vectorize(sch.get_loops(b)[-1])
