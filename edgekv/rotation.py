@@ -4,8 +4,9 @@ An orthonormal Hadamard matrix spreads an outlier channel over all channels, so 
 groups get a narrower range. For values it is free at attention time (rotate the stored
 values; un-rotate the attention output once, since P @ (V H) = (P @ V) H). For keys it is
 not: keys are stored pre-RoPE and RoPE does not commute with H, so dequantized keys must
-be un-rotated (a D x D matmul per cached token) before RoPE. Measured in the reference
-only (BENCHMARKS.md); not part of the bundle format.
+be un-rotated before RoPE (a D x D matmul per cached token in the ONNX graphs, log2(D)
+butterfly stages in the TVM kernels). Part of the bundle format (policy.rotation);
+measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
