@@ -53,8 +53,8 @@ def smol_bundle(smollm2, tmp_path_factory):
     return get
 
 
-def _run_and_reference(smollm2, path, bits):
-    engine = Engine.load(path)
+def _run_and_reference(smollm2, path, bits, backend="ort"):
+    engine = Engine.load(path, backend=backend)
     ids = engine.tokenizer.encode(evaluation_text())[:PROMPT]  # > window: eviction in prefill
     got = list(engine.generate_tokens(ids, NEW_TOKENS, ignore_eos=True))
     ref = ReferenceModel(smollm2.model, _policy(bits))
@@ -68,6 +68,14 @@ def _run_and_reference(smollm2, path, bits):
 
 def test_greedy_equals_reference_after_a_long_prompt(smollm2, smol_bundle):
     got, expect, _ = _run_and_reference(smollm2, smol_bundle(8), 8)
+    assert got == expect
+
+
+def test_kernel_backend_greedy_equals_reference(smollm2, smol_bundle):
+    """backend ort+tvm (the fused TVM kernel for decode attention) on SmolLM2's geometry
+    (9 query / 3 KV heads, head_dim 64, window 1024): the same exact greedy sequence."""
+    pytest.importorskip("tvm")
+    got, expect, _ = _run_and_reference(smollm2, smol_bundle(8), 8, backend="ort+tvm")
     assert got == expect
 
 
