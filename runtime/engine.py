@@ -30,14 +30,17 @@ from edgekv.errors import EdgekvError
 from edgekv.runtime.bundle import Bundle, open_bundle
 from edgekv.runtime.cache_state import CacheState
 from edgekv.runtime.devices import DeviceError, DeviceProfile, resolve_device
-from edgekv.runtime.planner import Plan, fmt_bytes, parse_size, plan
+from edgekv.runtime.planner import Plan, PlanError, fmt_bytes, parse_size, plan
 from edgekv.runtime.sampler import Sampler
 from edgekv.runtime.tokenizer import BundleTokenizer
 
 if TYPE_CHECKING:  # onnxruntime is imported when an engine is loaded, not with the package
     from edgekv.runtime.ort_backend import OrtBackend
 
-PAD_MIN = 2  # from this many tokens before a boundary, one padded prefill beats decode steps
+PAD_MIN = 2
+# Resident bytes a backend adds beyond the plan's onnxruntime figure: ort+tvm loads the TVM
+# runtime and compiler libraries and onnx (measured +170-240 MiB peak RSS on SmolLM2).
+BACKEND_RSS = {"ort+tvm": 256 << 20}  # from this many tokens before a boundary, one padded prefill beats decode steps
 T = TypeVar("T")
 
 
@@ -181,6 +184,13 @@ class Engine:
         dev = resolve_device(device)
         budget_b = parse_size(budget) if budget is not None else dev.default_budget()
         the_plan = plan(b.manifest, dev, budget_b)
+        extra = BACKEND_RSS.get(backend, 0)
+        if extra:
+            the_plan.parts["backend"] = extra
+            if the_plan.total > budget_b:
+                raise PlanError(f"backend {backend!r} needs {fmt_bytes(extra)} of its own; with it the plan "
+                                f"is {fmt_bytes(the_plan.total)}, over the budget of {fmt_bytes(budget_b)} "
+                                f"(use backend 'ort', or a larger budget)")
         state = CacheState(b.policy, b.shape, b.cache_tensors, (1, b.prefill_chunk))
         be = BACKENDS[backend](b, state, dev, device == "cuda", threads, profile_prefix)
         tok = BundleTokenizer(b.path, b.model.get("eos_token_id"))

@@ -71,3 +71,17 @@ def test_uses_the_bundles_compiled_library(tiny_model, tiny_model_dir, tmp_path)
     got = list(eng.generate_tokens([7, 8, 9], 30, ignore_eos=True))
     want = list(Engine.load(bundle, backend="ort").generate_tokens([7, 8, 9], 30, ignore_eos=True))
     assert got == want
+
+
+def test_plan_counts_the_backend(tiny_model, tiny_model_dir, tmp_path):
+    """ort+tvm's own libraries are part of the memory plan: a budget that fits the
+    onnxruntime backend exactly is refused for ort+tvm, with the reason."""
+    from edgekv.runtime.planner import PlanError
+
+    policy = CachePolicy.uniform(2, 3, window=16, sinks=4, block=8, group=8)
+    bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
+    eng = Engine.load(bundle, budget="4GiB", backend="ort")
+    tight = eng.plan.total
+    Engine.load(bundle, budget=tight, backend="ort")
+    with pytest.raises(PlanError, match="backend 'ort\\+tvm' needs"):
+        Engine.load(bundle, budget=tight, backend="ort+tvm")
