@@ -37,10 +37,10 @@ from edgekv.runtime.tokenizer import BundleTokenizer
 if TYPE_CHECKING:  # onnxruntime is imported when an engine is loaded, not with the package
     from edgekv.runtime.ort_backend import OrtBackend
 
-PAD_MIN = 2
+PAD_MIN = 2  # from this many tokens before a boundary, one padded prefill beats decode steps
 # Resident bytes a backend adds beyond the plan's onnxruntime figure: ort+tvm loads the TVM
 # runtime and compiler libraries and onnx (measured +170-240 MiB peak RSS on SmolLM2).
-BACKEND_RSS = {"ort+tvm": 256 << 20}  # from this many tokens before a boundary, one padded prefill beats decode steps
+BACKEND_RSS = {"ort+tvm": 256 << 20}
 T = TypeVar("T")
 
 

@@ -36,10 +36,6 @@ class Segment:
 class SplitGraph:
     segments: list[Segment] = field(default_factory=list)
 
-    @property
-    def attention_nodes(self) -> list[onnx.NodeProto]:
-        return [s.attention for s in self.segments if s.attention is not None]
-
 
 def _is_attention(node: onnx.NodeProto) -> bool:
     return node.domain == DOMAIN and node.op_type.startswith("CompressedAttention")

@@ -33,6 +33,10 @@ from edgekv.runtime.cache_state import CacheState, aligned_zeros
 from edgekv.runtime.ort_backend import OrtBackend
 
 
+# One thread per decode-segment session: every onnxruntime session has its own intra-op
+# pool whose workers spin after a run, so 31 two-thread sessions run back to back kept
+# spinning workers on the cores the next session and the kernel needed (SmolLM2 on 2
+# cores: 34.8 -> 41.4 tok/s with one thread; fp32 weights 15.5 -> 19.5).
 SEGMENT_THREADS = 1
 
 
@@ -75,9 +79,9 @@ def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int], object]
                   RuntimeWarning, stacklevel=5)
     from edgekv.tvm_kernels.build import build_attention
     from edgekv.tvm_kernels.params import attn_params
-    from edgekv.tvm_kernels.targets import host_target
+    from edgekv.tvm_kernels.targets import host_target, host_tuning_device
 
-    records = "cpu-x86_64" if platform.machine() == "x86_64" else None
+    records = host_tuning_device()
     out = {}
     for pr in pairs:
         layer = next(i for i in range(p.num_layers) if (p.bits_k[i], p.bits_v[i]) == pr)
@@ -132,12 +136,6 @@ class KernelBackend(OrtBackend):
             self._calls.append((kernels[(bk, bv)], [view(a) for a in arrays]))
 
     # ---- setup ----------------------------------------------------------------------
-    def _options(self) -> ort.SessionOptions:
-        so = super()._options()
-        if getattr(self, "_segment_threads", None):
-            so.intra_op_num_threads = self._segment_threads
-        return so
-
     def _setup_extra_sessions(self, bundle: Bundle) -> None:
         import onnx
 
@@ -146,23 +144,11 @@ class KernelBackend(OrtBackend):
         model = onnx.load(str(bundle.graph_path("decode")), load_external_data=False)
         self.split = split_at_attention(model)
         external = {t.name for t in bundle.external_weights("decode")}
-        # One thread per segment session: every onnxruntime session has its own intra-op
-        # pool whose workers spin after a run, so 31 two-thread sessions run back to back
-        # kept spinning workers on the cores the next session and the kernel needed
-        # (SmolLM2 on 2 cores: 34.8 -> 41.4 tok/s with one thread; fp32 weights 15.5 -> 19.5).
-        self._segment_threads = SEGMENT_THREADS
-        self.segments = []
-        external = {t.name for t in bundle.external_weights("decode")}
-        # One thread per segment session: every onnxruntime session has its own intra-op
-        # pool whose workers spin after a run, so 31 two-thread sessions run back to back
-        # kept spinning workers on the cores the next session and the kernel needed
-        # (SmolLM2 on 2 cores: 34.8 -> 41.4 tok/s with one thread; fp32 weights 15.5 -> 19.5).
-        self._segment_threads = SEGMENT_THREADS
         self.segments = []
         for seg in self.split.segments:
             names = {t.name for t in seg.model.graph.initializer} & external
-            self.segments.append(self._session(bundle, "decode", seg.model.SerializeToString(), names))
-        self._segment_threads = None
+            self.segments.append(self._session(bundle, "decode", seg.model.SerializeToString(), names,
+                                               threads=SEGMENT_THREADS))
 
     def _bind_segments(self) -> None:
         """Bind every segment's inputs and outputs to buffers allocated here. Shapes of the

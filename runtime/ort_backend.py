@@ -99,9 +99,9 @@ class OrtBackend:
         self._pack_io = [self._bind_pack(i) for i in range(sh.num_layers)]
 
     # ---- setup ----------------------------------------------------------------------
-    def _options(self) -> ort.SessionOptions:
+    def _options(self, threads: int | None = None) -> ort.SessionOptions:
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads or 0  # 0: onnxruntime's default (physical cores)
+        so.intra_op_num_threads = threads or self.threads or 0  # 0: onnxruntime's default (physical cores)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
@@ -115,10 +115,11 @@ class OrtBackend:
         """Hook for subclasses: more sessions, created before the weights' pages are dropped."""
 
     def _session(self, bundle: Bundle, kind: str, model: bytes | None = None,
-                 weights: Collection[str] = ()) -> ort.InferenceSession:
+                 weights: Collection[str] = (), threads: int | None = None) -> ort.InferenceSession:
         """A session on graph `kind` of the bundle, or on the serialized ONNX `model` (which
-        uses the external initializers `weights` of `kind`), with the shared mapped weights."""
-        so = self._options()
+        uses the external initializers `weights` of `kind`), with the shared mapped weights.
+        `threads` overrides the backend's intra-op thread count for this session."""
+        so = self._options(threads)
         if self.profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = f"{self.profile_prefix}_{kind}"

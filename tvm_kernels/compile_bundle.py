@@ -27,7 +27,7 @@ def compile_bundle(bundle: str | Path, device: str) -> dict:
         import tvm
 
         from edgekv.tvm_kernels.library import export
-        from edgekv.tvm_kernels.targets import device_spec, host_spec
+        from edgekv.tvm_kernels.targets import device_spec, host_spec, host_tuning_device
     except ImportError as e:
         raise EdgekvError(f"edgekv compile needs Apache TVM: pip install 'edgekv[tvm]' ({e})") from None
 
@@ -39,8 +39,7 @@ def compile_bundle(bundle: str | Path, device: str) -> dict:
     except FileNotFoundError:
         raise EdgekvError(f"unknown device {device!r} (a devices/*.json profile name, or 'host')") from None
     target = tvm.target.Target(spec)
-    # `host` on an x86_64 machine uses the cpu-x86_64 profile's tuning records
-    records = "cpu-x86_64" if device == "host" and spec["mtriple"].startswith("x86_64") else device
+    records = host_tuning_device() if device == "host" else device
     rel = f"tvm/{device}.so"
     (path / "tvm").mkdir(exist_ok=True)
     try:

@@ -32,6 +32,11 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
     return tvm.target.Target(host_spec(num_cores))
 
 
+def host_tuning_device() -> str | None:
+    """The device profile whose tuning records (devices/tuning/) fit this host's CPU."""
+    return "cpu-x86_64" if platform.machine() == "x86_64" else None
+
+
 def device_spec(name: str) -> dict[str, Any]:
     """The `tvm_target` dict of a device profile shipped in edgekv.devices."""
     text = resources.files("edgekv.devices").joinpath(f"{name}.json").read_text()
