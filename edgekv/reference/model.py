@@ -93,6 +93,9 @@ class ReferenceModel:
             keys = self._rope(torch.cat([ck, k], dim=2), pos_all)
             vals = torch.cat([cv, v], dim=2)
             q = self._rope(q, pos_new)
+            observe = getattr(cache, "observe_attention", None)  # eviction methods (edgekv.methods)
+            if observe is not None:
+                observe(i, q, keys, mask)
             o = torch.nn.functional.scaled_dot_product_attention(
                 q, keys, vals, attn_mask=mask, enable_gqa=True)
             cache.append(i, k, v)

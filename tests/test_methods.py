@@ -1,0 +1,126 @@
+"""Accuracy methods (edgekv.methods) against the reference cache and plain references."""
+
+import pytest
+import torch
+
+from edgekv.methods import CODECS, CodebookCodec, OutlierCodec, UniformCodec
+from edgekv.methods.codebook import kmeans_levels
+from edgekv.methods.codec_cache import method_model
+from edgekv.methods.heavy_hitters import HeavyHitterCache
+from edgekv.policy import CachePolicy
+from edgekv.reference import quant_torch as qt
+from edgekv.reference.model import ReferenceModel
+
+# CodecCache keeps the dequantized ring in float32 where the packed cache keeps codes and
+# fp16 scale/zero and dequantizes on read: the same numbers up to summation order.
+ATOL = 1e-4
+
+
+def _policy(bits_k=(3, 2), bits_v=(4, 8), **kw):
+    base = dict(window=32, sinks=4, block=8, group=8)
+    base.update(kw)
+    return CachePolicy(bits_k=bits_k, bits_v=bits_v, **base)
+
+
+def _ids(n=90, seed=0):
+    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_uniform_codec_cache_equals_the_packed_cache(tiny_model, rotation):
+    policy = _policy(rotation=rotation)
+    ids = _ids()
+    packed = ReferenceModel(tiny_model, policy)
+    expect = packed.forward(ids, packed.new_cache())
+    got = method_model(tiny_model, policy, UniformCodec())
+    out = got.forward(ids, got.new_cache())
+    assert (out - expect).abs().max() < ATOL
+    # The ring evicted (90 tokens > 4 sinks + 32 window) and quantization moved the logits.
+    fp = ReferenceModel(tiny_model, _policy((16, 16), (16, 16)))
+    assert (fp.forward(ids, fp.new_cache()) - expect).abs().max() > 100 * ATOL
+
+
+def test_outliers_keep_the_largest_deviations_exactly():
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(1))
+    x[0, 1, 5, 7] = 40.0  # a planted outlier, kept exactly
+    codec = OutlierCodec(fraction=0.01)
+    out = codec.keys(0, x, 3)
+    exact = out == x.to(torch.float16).float()
+    per_block = exact.flatten(-2).sum(-1)
+    assert (per_block >= round(0.01 * 32 * 64)).all()
+    assert exact[0, 1, 5, 7]
+    # Without the outlier in their range the rest quantize finer than the uniform codec does.
+    err = (out - x).abs()[0, 1].max()
+    assert err < (qt.fake_quantize_keys(x, 3) - x).abs()[0, 1].max() / 3
+    assert codec.extra_bits(64) == pytest.approx(0.32)
+
+
+def test_outliers_at_fraction_zero_are_the_uniform_codec():
+    x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(2))
+    codec = OutlierCodec(fraction=0.0)
+    assert torch.equal(codec.keys(0, x, 2), qt.fake_quantize_keys(x, 2))
+    assert torch.equal(codec.values(0, x, 4, 32), qt.fake_quantize_values(x, 4, 32))
+
+
+def test_outlier_values_are_per_token_groups():
+    x = torch.randn(1, 32, 64, generator=torch.Generator().manual_seed(3))
+    x[0, 3, 40] = -25.0
+    out = OutlierCodec(fraction=0.005).values(0, x, 2, 32)
+    assert out[0, 3, 40] == x[0, 3, 40].half().float()
+    assert (out - x).abs().max() < (qt.fake_quantize_values(x, 2, 32) - x).abs().max()
+
+
+def test_kmeans_levels_fit_the_data():
+    g = torch.Generator().manual_seed(4)
+    flat = torch.rand(100_000, generator=g)
+    assert torch.allclose(kmeans_levels(flat, 2), torch.tensor([0.125, 0.375, 0.625, 0.875]), atol=0.01)
+    peaked = (torch.randn(100_000, generator=g) * 0.1 + 0.5).clamp(0, 1)
+    levels = kmeans_levels(peaked, 2)
+    assert torch.all(levels[1:] > levels[:-1]) and 0 <= levels[0] and levels[-1] <= 1
+    grid = torch.linspace(0, 1, 4)
+
+    def mse(lv):
+        return float(((peaked[:, None] - lv).abs().min(-1).values ** 2).mean())
+    assert mse(levels) < 0.5 * mse(grid)
+
+
+def test_codebook_codec_beats_uniform_on_its_own_distribution():
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randn(64, 32, 64, generator=g) ** 3  # heavy-tailed, like real K/V
+    codec = CodebookCodec()
+    codec.fit([blocks], [blocks.reshape(-1, 64)], 32, 32, (2, 3))
+    test = torch.randn(8, 32, 64, generator=g) ** 3
+    for bits in (2, 3):
+        assert float(((codec.keys(0, test, bits) - test) ** 2).mean()) < \
+            float(((qt.fake_quantize_keys(test, bits) - test) ** 2).mean())
+        assert float(((codec.values(0, test, bits, 32) - test) ** 2).mean()) < \
+            float(((qt.fake_quantize_values(test, bits, 32) - test) ** 2).mean())
+
+
+def test_codecs_are_registered():
+    assert set(CODECS) == {"uniform", "outliers", "codebook"}
+
+
+def test_heavy_hitters_with_an_all_recent_ring_is_the_sliding_window(tiny_model):
+    policy = _policy(rotation="hadamard")
+    ids = _ids(100, seed=6)
+    window = method_model(tiny_model, policy)
+    h2o = method_model(tiny_model, policy, cache_class=HeavyHitterCache, recent=1.0)
+    a = window.forward(ids, window.new_cache())
+    b = h2o.forward(ids, h2o.new_cache())
+    assert (a - b).abs().max() < ATOL
+
+
+def test_heavy_hitters_evict_the_least_attended_old_block(tiny_model):
+    policy = _policy((16, 16), (16, 16), window=32)  # 4 ring slots
+    ref = method_model(tiny_model, policy, cache_class=HeavyHitterCache, recent=0.5)
+    cache = ref.new_cache()
+    ref.forward(_ids(4 + 4 * 8, seed=7), cache)  # sinks + 4 blocks: the ring is full
+    held = cache.slot_block[0]
+    assert sorted(held.values()) == [0, 1, 2, 3]
+    scores = cache.block_score[0]
+    assert all(scores[b] > 0 for b in range(4))
+    victim = min((0, 1), key=scores.get)  # blocks 2 and 3 are the recent half
+    ref.forward(_ids(8, seed=8), cache)
+    assert sorted(held.values()) == sorted({0, 1, 2, 3, 4} - {victim})
+    assert len(cache.view(0)[0][0, 0]) == 4 + 4 * 8 + 0  # sinks + 4 blocks, empty residual
