@@ -3,8 +3,8 @@
 One process, one model, every row against the fp16 cache with the same window measured in
 the same run: average code widths 2, 2.5, 3, 4 (uniform 2.5 = K3/V2; calibrated 2 is
 uniform 2 by construction, since every width is then 2), each without and with the Hadamard
-rotation (--rotation). Calibrated rows are chosen as `edgekv export` chooses: the allocation,
-or the uniform layout when that scores better on held-out calibration text. Perplexity through the cache on
+rotation (--rotation). Calibrated rows are allocated as `edgekv export` allocates them.
+Perplexity through the cache on
 the evaluation text (calibration reads only the held-out last quarter), passkey, code bits
 and bits with scale/zero per element, bytes against fp16.
 

@@ -1,0 +1,53 @@
+"""KL divergence of a compressed cache's next-token distributions from the fp16 cache's.
+
+Perplexity deltas of a few tenths of a percent are partly luck: quantization noise lowers
+the loss on some tokens and raises it on others, and over a few thousand tokens the sum
+moves by as much as the methods being compared (BENCHMARKS.md, "accuracy methods"). The
+mean KL(p_fp16 || p_cache) over the same tokens counts every change in the distribution as
+damage, so it ranks close settings far more stably (llama.cpp's quantization reports use
+it for the same reason). Both models run in lockstep over the same chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from edgekv.reference.model import ReferenceModel
+
+
+@dataclass
+class DivergenceResult:
+    kl: float  # mean KL(reference || test) in nats per scored token
+    ppl_reference: float
+    ppl_test: float
+    tokens_scored: int
+
+    @property
+    def delta_pct(self) -> float:
+        return 100.0 * (self.ppl_test / self.ppl_reference - 1.0)
+
+
+def divergence(reference: ReferenceModel, test: ReferenceModel, ids: list[int], sequences: int = 1,
+               step: int = 256) -> DivergenceResult:
+    """Split `ids` into `sequences` independent sequences and score every token but each
+    sequence's first under both models' caches."""
+    n = len(ids) // sequences
+    if n < 2:
+        raise ValueError(f"{len(ids)} tokens are too few for {sequences} sequences")
+    x = torch.tensor(ids[: n * sequences]).view(sequences, n)
+    caches = [m.new_cache(batch=sequences, context=n) for m in (reference, test)]
+    kl = nll_ref = nll_test = 0.0
+    count = 0
+    for start in range(0, n, step):
+        chunk = x[:, start:start + step]
+        targets = x[:, start + 1:start + 1 + chunk.shape[1]]
+        lp_ref, lp_test = (torch.log_softmax(m.forward(chunk, c)[:, : targets.shape[1]], -1)
+                           for m, c in zip((reference, test), caches))
+        kl += float((lp_ref.exp() * (lp_ref - lp_test)).sum())
+        nll_ref -= float(lp_ref.gather(-1, targets.unsqueeze(-1)).sum())
+        nll_test -= float(lp_test.gather(-1, targets.unsqueeze(-1)).sum())
+        count += targets.numel()
+    return DivergenceResult(kl / count, math.exp(nll_ref / count), math.exp(nll_test / count), count)
