@@ -102,3 +102,19 @@ def uniform_pair(target: float) -> tuple[int, int]:
     if not math.isclose((below + above) / 2, target):
         raise PolicyError(f"no uniform K/V pair averages {target} bits")
     return above, below
+
+
+def shrink(sens: Sensitivity, alpha: float) -> Sensitivity:
+    """Each layer's loss curve pulled toward its side's geometric-mean curve: log s' =
+    mean + alpha * (log s - mean), per side and width. alpha 1 keeps the measurement, 0
+    makes every layer alike (the knapsack then allocates uniformly). Why: the per-layer
+    estimates are noisy, and where the true sensitivities are flat (the Hadamard rotation
+    makes them so) the knapsack spends low widths on that noise (BENCHMARKS.md)."""
+    tiny = 1e-12
+
+    def side(rows: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+        logs = [[math.log(max(x, tiny)) for x in r] for r in rows]
+        mean = [sum(col) / len(col) for col in zip(*logs)]
+        return tuple(tuple(math.exp(m + alpha * (x - m)) for x, m in zip(r, mean)) for r in logs)
+
+    return Sensitivity(sens.widths, side(sens.key), side(sens.value), {**sens.meta, "shrink": alpha})

@@ -212,13 +212,20 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
 
 
 def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
-                      sens: Sensitivity | None = None) -> tuple[CachePolicy, dict]:
+                      sens: Sensitivity | None = None, select: bool = True) -> tuple[CachePolicy, dict]:
     """(`base` with calibrated per-layer bits for an average of `target`, the manifest's
     'allocation' section: how the bits were chosen). `sens`: an earlier `measure` of the
-    same geometry."""
+    same geometry. `select`: choose among the allocation, a shrunk allocation and uniform
+    by KL on further calibration tokens (edgekv.layout_selection); else the allocation."""
+    from edgekv.layout_selection import SELECTION_TOKENS, select as select_layout
+
     sens = sens or measure(model, tokenizer, base)
     alloc = allocate(sens, target)
     policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
+    selection = None
+    held_out = calibration_ids(tokenizer, sens.meta.get("tokens", 0) + SELECTION_TOKENS)[sens.meta.get("tokens", 0):]
+    if select and len(held_out) >= 2 * base.block:
+        _, policy, selection = select_layout(model, held_out, sens, base, target)
     shape = kv_shape(model.config)
     n = base.num_layers
     predicted = sens.predicted_loss(policy.bits_k, policy.bits_v)
@@ -231,6 +238,7 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
         "widths": list(sens.widths),
         "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "
                      "least summed predicted loss",
+        "selection": selection,
         "predicted_loss_nats": predicted,
         "predicted_delta_ppl_pct": 100.0 * math.expm1(predicted),
         "uniform_predicted_delta_ppl_pct": None if uniform_loss is None else 100.0 * math.expm1(uniform_loss),

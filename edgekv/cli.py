@@ -287,6 +287,11 @@ def _run_export(args) -> int:
               f"({allocation['bits_per_element_with_metadata']:.2f} with scale/zero), "
               f"{layer_bits(policy)}; predicted Δppl {allocation['predicted_delta_ppl_pct']:+.2f} % "
               f"from {cal['tokens']} calibration tokens in {cal['seconds']:.1f} s")
+        sel = allocation.get("selection")
+        if sel:
+            kl = ", ".join(f"{c['name']} {c['kl']:.4f}" for c in sel["candidates"])
+            print(f"layout chosen by KL vs the fp16 cache on {sel['tokens']} further calibration tokens: "
+                  f"{sel['chosen']} ({kl}; {sel['seconds']:.1f} s)")
     return 0
 
 

@@ -1,4 +1,5 @@
 import itertools
+import math
 import random
 
 import pytest
@@ -57,3 +58,23 @@ def test_uniform_pair():
     assert uniform_pair(2.5) == (3, 2) and uniform_pair(3.5) == (4, 3)
     with pytest.raises(PolicyError):
         uniform_pair(5)
+
+
+def test_shrink_keeps_at_one_and_makes_layers_alike_at_zero():
+    from edgekv.allocation import shrink
+
+    sens = _random_sens(6, seed=7)
+    same = shrink(sens, 1.0)
+    for a, b in zip(sens.key + sens.value, same.key + same.value):
+        assert a == pytest.approx(b, rel=1e-9)
+    flat = shrink(sens, 0.0)
+    assert len(set(flat.key)) == 1 and len(set(flat.value)) == 1
+    # Geometric mean per width: the typical layer, not the loudest one.
+    gm = math.exp(sum(math.log(r[0]) for r in sens.key) / 6)
+    assert flat.key[0][0] == pytest.approx(gm)
+    half = shrink(sens, 0.5)
+    spread = lambda s: max(r[0] for r in s.key) / min(r[0] for r in s.key)  # noqa: E731
+    assert spread(half) == pytest.approx(spread(sens) ** 0.5)
+    # With every layer alike, the knapsack allocates one width per side at integer targets.
+    a = allocate(flat, 3.0)
+    assert len(set(a.bits_k)) == 1 and len(set(a.bits_v)) == 1 and a.average_bits == 3.0

@@ -34,20 +34,31 @@ def divergence(reference: ReferenceModel, test: ReferenceModel, ids: list[int], 
                step: int = 256) -> DivergenceResult:
     """Split `ids` into `sequences` independent sequences and score every token but each
     sequence's first under both models' caches."""
+    return divergences(reference, [test], ids, sequences, step)[0]
+
+
+def divergences(reference: ReferenceModel, tests: list[ReferenceModel], ids: list[int],
+                sequences: int = 1, step: int = 256) -> list[DivergenceResult]:
+    """`divergence` of several test models against one reference, which runs once."""
     n = len(ids) // sequences
     if n < 2:
         raise ValueError(f"{len(ids)} tokens are too few for {sequences} sequences")
     x = torch.tensor(ids[: n * sequences]).view(sequences, n)
-    caches = [m.new_cache(batch=sequences, context=n) for m in (reference, test)]
-    kl = nll_ref = nll_test = 0.0
-    count = 0
+    ref_cache = reference.new_cache(batch=sequences, context=n)
+    caches = [m.new_cache(batch=sequences, context=n) for m in tests]
+    kl = [0.0] * len(tests)
+    nll = [0.0] * len(tests)
+    nll_ref, count = 0.0, 0
     for start in range(0, n, step):
         chunk = x[:, start:start + step]
-        targets = x[:, start + 1:start + 1 + chunk.shape[1]]
-        lp_ref, lp_test = (torch.log_softmax(m.forward(chunk, c)[:, : targets.shape[1]], -1)
-                           for m, c in zip((reference, test), caches))
-        kl += float((lp_ref.exp() * (lp_ref - lp_test)).sum())
-        nll_ref -= float(lp_ref.gather(-1, targets.unsqueeze(-1)).sum())
-        nll_test -= float(lp_test.gather(-1, targets.unsqueeze(-1)).sum())
+        targets = x[:, start + 1:start + 1 + chunk.shape[1]].unsqueeze(-1)
+        lp_ref = torch.log_softmax(reference.forward(chunk, ref_cache)[:, : targets.shape[1]], -1)
+        nll_ref -= float(lp_ref.gather(-1, targets).sum())
+        p_ref = lp_ref.exp()
+        for i, (m, c) in enumerate(zip(tests, caches)):
+            lp = torch.log_softmax(m.forward(chunk, c)[:, : targets.shape[1]], -1)
+            kl[i] += float((p_ref * (lp_ref - lp)).sum())
+            nll[i] -= float(lp.gather(-1, targets).sum())
         count += targets.numel()
-    return DivergenceResult(kl / count, math.exp(nll_ref / count), math.exp(nll_test / count), count)
+    return [DivergenceResult(k / count, math.exp(nll_ref / count), math.exp(v / count), count)
+            for k, v in zip(kl, nll)]

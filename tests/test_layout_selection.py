@@ -1,0 +1,42 @@
+"""Layout selection by KL on held-out calibration tokens (edgekv.layout_selection)."""
+
+import pytest
+import torch
+
+from edgekv.allocation import WIDTHS, Sensitivity
+from edgekv.layout_selection import candidates, select
+from edgekv.policy import CachePolicy
+
+BASE = CachePolicy.uniform(2, 3, window=32, sinks=4, block=8, group=8)
+
+
+def _sens(key, value):
+    return Sensitivity(WIDTHS, tuple(map(tuple, key)), tuple(map(tuple, value)))
+
+
+def test_candidates_are_distinct_and_start_with_the_allocation():
+    # Layer 0's keys far more sensitive than anything else: the allocation moves bits there.
+    sens = _sens([[100, 10, 1, 0.01], [1, 0.1, 0.01, 0.0001]], [[1, 0.1, 0.01, 1e-4]] * 2)
+    c = candidates(sens, BASE, 3.0)
+    assert list(c)[0] == "shrink 1" and "uniform" in c
+    assert c["uniform"].bits_k == (3, 3) and c["uniform"].bits_v == (3, 3)
+    assert c["shrink 1"].bits_k[0] > c["shrink 1"].bits_k[1]
+    layouts = [(p.bits_k, p.bits_v) for p in c.values()]
+    assert len(layouts) == len(set(layouts))
+    # Flat sensitivities: every candidate is the uniform layout, so only one is kept.
+    flat = _sens([[1, 0.1, 0.01, 1e-4]] * 2, [[1, 0.1, 0.01, 1e-4]] * 2)
+    assert list(candidates(flat, BASE, 3.0)) == ["shrink 1 = shrink 0.5 = uniform"]
+    # No K/V pair averages 2.75: no uniform candidate, no error.
+    assert "uniform" not in candidates(sens, BASE, 2.75)
+
+
+def test_select_keeps_the_candidate_with_the_least_kl(tiny_model):
+    sens = _sens([[100, 10, 1, 0.01], [1, 0.1, 0.01, 0.0001]], [[1, 0.1, 0.01, 1e-4]] * 2)
+    ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(0)).tolist()
+    name, policy, record = select(tiny_model, ids, sens, BASE, 2.5)
+    kl = {c["name"]: c["kl"] for c in record["candidates"]}
+    assert len(kl) >= 2 and record["chosen"] == name == min(kl, key=kl.get)
+    chosen = next(c for c in record["candidates"] if c["name"] == name)
+    assert list(policy.bits_k) == chosen["bits_k"] and list(policy.bits_v) == chosen["bits_v"]
+    assert all(v > 0 for v in kl.values()) and record["tokens"] == 160
+    assert policy.average_bits() == pytest.approx(2.5)
