@@ -18,9 +18,10 @@ def test_candidates_are_distinct_and_start_with_the_allocation():
     # Layer 0's keys far more sensitive than anything else: the allocation moves bits there.
     sens = _sens([[100, 10, 1, 0.01], [1, 0.1, 0.01, 0.0001]], [[1, 0.1, 0.01, 1e-4]] * 2)
     c = candidates(sens, BASE, 3.0)
-    assert list(c)[0] == "shrink 1" and "uniform" in c
+    first = list(c)[0]
+    assert first.startswith("shrink 1") and "uniform" in c
     assert c["uniform"].bits_k == (3, 3) and c["uniform"].bits_v == (3, 3)
-    assert c["shrink 1"].bits_k[0] > c["shrink 1"].bits_k[1]
+    assert c[first].bits_k[0] > c[first].bits_k[1]
     layouts = [(p.bits_k, p.bits_v) for p in c.values()]
     assert len(layouts) == len(set(layouts))
     # Flat sensitivities: every candidate is the uniform layout, so only one is kept.
