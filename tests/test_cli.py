@@ -47,6 +47,8 @@ def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model_dir):
     assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64 hadamard", "2-bit W64 hadamard"]
     assert rows[0]["delta_pct"] == 0.0 and rows[2]["fp16_ratio"] < rows[1]["fp16_ratio"] < 1.0
     assert all(r["ppl"] > 1.0 for r in rows)
+    # KL from the fp16 cache: none for the fp16 row, more damage at 2 bits than at 4.
+    assert rows[0]["kl"] is None and 0.0 < rows[1]["kl"] < rows[2]["kl"]
 
 
 def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):

@@ -31,14 +31,14 @@ class DivergenceResult:
 
 
 def divergence(reference: ReferenceModel, test: ReferenceModel, ids: list[int], sequences: int = 1,
-               step: int = 256) -> DivergenceResult:
+               step: int = 256, progress=None) -> DivergenceResult:
     """Split `ids` into `sequences` independent sequences and score every token but each
-    sequence's first under both models' caches."""
-    return divergences(reference, [test], ids, sequences, step)[0]
+    sequence's first under both models' caches. `progress(n)`: as in `perplexity`."""
+    return divergences(reference, [test], ids, sequences, step, progress)[0]
 
 
 def divergences(reference: ReferenceModel, tests: list[ReferenceModel], ids: list[int],
-                sequences: int = 1, step: int = 256) -> list[DivergenceResult]:
+                sequences: int = 1, step: int = 256, progress=None) -> list[DivergenceResult]:
     """`divergence` of several test models against one reference, which runs once."""
     n = len(ids) // sequences
     if n < 2:
@@ -60,5 +60,7 @@ def divergences(reference: ReferenceModel, tests: list[ReferenceModel], ids: lis
             kl[i] += float((p_ref * (lp_ref - lp)).sum())
             nll[i] -= float(lp.gather(-1, targets).sum())
         count += targets.numel()
+        if progress is not None:
+            progress(chunk.shape[1] * len(tests))
     return [DivergenceResult(k / count, math.exp(nll_ref / count), math.exp(v / count), count)
             for k, v in zip(kl, nll)]

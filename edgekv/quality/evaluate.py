@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 from edgekv.policy import CachePolicy
 from edgekv.quality.passkey import passkey
-from edgekv.quality.perplexity import perplexity
+from edgekv.quality.divergence import divergence
+from edgekv.quality.perplexity import PerplexityResult, perplexity
 
 
 @dataclass
@@ -65,6 +66,7 @@ class EvalRow:
     average_bits: float = 16.0  # mean code width over layers x {K, V}
     bits_per_element: float = 16.0  # ring bits per element, scale/zero included
     predicted_delta_pct: float | None = None  # calibration's prediction (when calibrated)
+    kl: float | None = None  # mean KL(fp16 cache || this cache), nats/token (quantized rows)
 
 
 def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_tokens: int,
@@ -90,7 +92,14 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             run_eval.calibration[s.label] = sens_used.meta
         ref = ReferenceModel(model, policy)
         t0 = time.perf_counter()
-        ppl = perplexity(ref, ids, sequences=sequences, progress=progress)
+        kl = None
+        if policy.average_bits() < 16:  # in lockstep with the fp16 cache of the same geometry
+            n = shape.num_layers
+            fp16 = ReferenceModel(model, policy.with_(bits_k=(16,) * n, bits_v=(16,) * n))
+            d = divergence(fp16, ref, ids, sequences=sequences, progress=progress)
+            ppl, kl = PerplexityResult(d.ppl_test, math.log(d.ppl_test), d.tokens_scored), d.kl
+        else:
+            ppl = perplexity(ref, ids, sequences=sequences, progress=progress)
         trials = passkey(ref, tokenizer, passkey_lengths, passkey_depths,
                          progress=progress)
         secs = time.perf_counter() - t0
@@ -108,7 +117,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             fp16_ratio=policy.fp16_ratio(shape, context),
             kv_bytes=policy.total_bytes(shape, context), seconds=secs,
             passkey_trials=[asdict(t) for t in trials], average_bits=policy.average_bits(),
-            bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted))
+            bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted, kl=kl))
         done.append((s, policy))
     # The calibration's prediction for uniform rows too, to check it against the truth.
     for (s, policy), row in zip(done, rows):

@@ -48,14 +48,17 @@ def _fmt(x, spec: str) -> str:
 
 def eval_table(rows: list[dict], model: str, source: str) -> None:
     t = Table(title=f"edgekv eval: {model}\ntext: {source}")
-    for col in ("setting", "ppl", "Δppl", "passkey", "B/token", "×fp16", "KV MiB", "s"):
+    for col in ("setting", "ppl", "Δppl", "KL", "passkey", "B/token", "×fp16", "KV MiB", "s"):
         t.add_column(col, justify="right" if col != "setting" else "left")
     for r in rows:
         t.add_row(r["setting"], f"{r['ppl']:.3f}", _fmt(r["delta_pct"], "+.2f") + ("%" if r["delta_pct"] is not None else ""),
+                  _fmt(r.get("kl"), ".4f"),
                   _fmt(r["passkey_pct"], ".0f") + ("%" if r["passkey_pct"] is not None else ""),
                   f"{r['kv_bytes_per_token']:.0f}", f"{r['fp16_ratio']:.3f}",
                   f"{r['kv_bytes'] / 2**20:.2f}", f"{r['seconds']:.0f}")
     Console().print(t)
-    Console().print("Δppl: vs the fp16 cache with the same window. B/token: bytes one more "
+    Console().print("Δppl: vs the fp16 cache with the same window. KL: mean KL divergence of the "
+                    "next-token distributions from that fp16 cache's, nats/token (steadier than "
+                    "Δppl for close settings). B/token: bytes one more "
                     "window token costs, all layers, scales included. KV MiB: whole cache at "
                     "full window (or at the evaluated length when nothing is evicted).")
