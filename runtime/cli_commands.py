@@ -36,8 +36,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
-    p.add_argument("--backend", default="ort", choices=["ort", "ort+tvm", "tvm"],
-                   help="ort: onnxruntime; ort+tvm: onnxruntime for the layers and the fused TVM kernel "
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "ort+tvm", "tvm"],
+                   help="auto (default): ort+tvm when the bundle holds compiled kernels for this "
+                        "machine and tvm is installed, else ort; ort: onnxruntime; ort+tvm: onnxruntime for the layers and the fused TVM kernel "
                         "for decode attention (needs the tvm extra; `edgekv compile BUNDLE --device host` "
                         "stores the kernels in the bundle); tvm: the whole graphs compiled by Relax")
 
@@ -80,7 +81,7 @@ def run_command(args, out: TextIO | None = None, err: TextIO | None = None) -> i
         out.write(piece)
         out.flush()
     out.write("\n")
-    print(gen.stats.summary(), file=err)
+    print(f"{gen.stats.summary()}, backend {engine.backend.name}", file=err)
     return 0
 
 

@@ -170,12 +170,14 @@ class Engine:
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | DeviceProfile = "cpu", budget: str | int | None = None,
-             backend: str = "ort", threads: int | None = None, verify: bool = True,
+             backend: str = "auto", threads: int | None = None, verify: bool = True,
              profile_prefix: str | None = None) -> "Engine":
         """Open and verify `bundle`, check it fits `budget` (default: the device's share of
         its memory) and allocate everything. Raises an EdgekvError subclass if not.
+        backend "auto": 'ort+tvm' when it can start at once (see `_auto_backend`), else 'ort'.
         profile_prefix turns on onnxruntime's per-node profiler (traces written there)."""
-        if backend not in BACKENDS:
+        auto = backend == "auto"
+        if backend not in BACKENDS and not auto:
             raise EngineError(f"backend {backend!r} is not available; this runtime has "
                               f"{', '.join(repr(k) for k in BACKENDS)}")
         if profile_prefix is not None and backend != "ort":
@@ -184,6 +186,10 @@ class Engine:
         dev = resolve_device(device)
         budget_b = parse_size(budget) if budget is not None else dev.default_budget()
         the_plan = plan(b.manifest, dev, budget_b)
+        if auto:
+            backend = _auto_backend(b, dev, profile_prefix)
+            if the_plan.total + BACKEND_RSS.get(backend, 0) > budget_b:
+                backend = "ort"  # the faster backend does not fit; the plain one may
         extra = BACKEND_RSS.get(backend, 0)
         if extra:
             the_plan.parts["backend"] = extra
@@ -396,6 +402,21 @@ def _ort_tvm(b: Bundle, state: CacheState, dev: DeviceProfile, explicit: bool, t
         warnings.warn(f"backend 'ort+tvm' runs its kernels on the CPU only so far; device {dev.name} runs on "
                       f"its CPU", RuntimeWarning, stacklevel=4)
     return KernelBackend(b, state, ("CPUExecutionProvider",), threads, dev.name)
+
+
+def _auto_backend(b: Bundle, dev: DeviceProfile, profile_prefix: str | None) -> str:
+    """'ort+tvm' where it starts without compiling anything: a CPU device, a bundle holding
+    a TVM library for this machine (`edgekv compile`), tvm and onnx installed, plain RoPE;
+    otherwise 'ort'. Decode is ~3.8x faster with it on SmolLM2 (BENCHMARKS.md)."""
+    if profile_prefix is not None or dev.kind != "cpu" or not b.manifest.get("tvm"):
+        return "ort"
+    from edgekv.runtime.kernel_backend import KernelBackendError, _check_bundle, _library_entry, available
+
+    try:
+        _check_bundle(b)
+    except KernelBackendError:
+        return "ort"
+    return "ort+tvm" if _library_entry(b, dev.name) is not None and not available() else "ort"
 
 
 # name -> factory(bundle, state, device, device_named_explicitly, threads, profile_prefix);

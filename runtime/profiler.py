@@ -199,7 +199,7 @@ def profile_bundle(spec: dict, progress: Progress | None = None) -> dict:
     from edgekv.runtime.engine import Engine
 
     prompts = {int(k): v for k, v in spec["prompts"].items()}
-    load_kw = dict(device=spec.get("device", "cpu"), budget=spec.get("budget"), backend=spec.get("backend", "ort"),
+    load_kw = dict(device=spec.get("device", "cpu"), budget=spec.get("budget"), backend=spec.get("backend", "auto"),
                    threads=spec.get("threads") or None, verify=spec.get("verify", True))
     t0 = time.perf_counter()
     reset_peak_rss()
@@ -207,7 +207,7 @@ def profile_bundle(spec: dict, progress: Progress | None = None) -> dict:
     load_s, load_peak = time.perf_counter() - t0, peak_rss()
     rows = profile_engine(engine, prompts, spec["gen"], spec.get("repeat", 1), spec.get("warmup", 1), progress)
     info = {"load_s": load_s, "load_peak_rss_bytes": load_peak, "plan_bytes": engine.plan.total,
-            "providers": engine.backend.active_providers}
+            "providers": engine.backend.active_providers, "backend": engine.backend.name}
     del engine
     if spec.get("ops"):
         for row, (n, ops) in zip(rows, profile_ops(spec["bundle"], prompts, spec["gen"], load_kw, progress).items()):

@@ -85,3 +85,17 @@ def test_plan_counts_the_backend(tiny_model, tiny_model_dir, tmp_path):
     Engine.load(bundle, budget=tight, backend="ort")
     with pytest.raises(PlanError, match="backend 'ort\\+tvm' needs"):
         Engine.load(bundle, budget=tight, backend="ort+tvm")
+
+
+def test_auto_backend_uses_the_kernels_only_when_the_bundle_holds_them(tiny_model, tiny_model_dir, tmp_path):
+    from edgekv.tvm_kernels.compile_bundle import compile_bundle
+
+    policy = CachePolicy.uniform(2, 3, window=16, sinks=4, block=8, group=8, rotation="none")
+    bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
+    assert Engine.load(bundle).backend.name == "ort"  # no library: never compile behind the user's back
+    compile_bundle(bundle, "host")
+    assert Engine.load(bundle).backend.name == "ort+tvm"
+    assert Engine.load(bundle, backend="ort").backend.name == "ort"
+    # A budget that fits onnxruntime alone but not the kernel backend's libraries: ort.
+    plain = Engine.load(bundle, backend="ort").plan.total
+    assert Engine.load(bundle, budget=plain + (1 << 20)).backend.name == "ort"

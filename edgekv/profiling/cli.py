@@ -29,7 +29,7 @@ def add_profile(sub) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per prompt length (pooled)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed short runs (32-token prompt, 8 tokens) before measuring")
-    p.add_argument("--backend", default="ort", choices=["ort", "ort+tvm", "tvm"],
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "ort+tvm", "tvm"],
                    help="edgekv runtime backend (see `edgekv run --help`)")
     p.add_argument("--device", default="cpu", help="device profile name, 'cpu' or 'cuda'")
     p.add_argument("--budget", type=_size, help="memory budget (default: the device's share)")
