@@ -180,7 +180,7 @@ class Engine:
         if backend not in BACKENDS and not auto:
             raise EngineError(f"backend {backend!r} is not available; this runtime has "
                               f"{', '.join(repr(k) for k in BACKENDS)}")
-        if profile_prefix is not None and backend != "ort":
+        if profile_prefix is not None and backend not in ("ort", "auto"):
             raise EngineError(f"profile_prefix is onnxruntime's profiler; backend {backend!r} has none")
         b = open_bundle(bundle, verify=verify)
         dev = resolve_device(device)

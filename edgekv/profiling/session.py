@@ -57,7 +57,11 @@ def run_profile(args) -> dict:
             done_before = bar.tasks[0].completed
             res = run_setting(s, prompts, params, lambda n: bar.advance(task, n))
             bar.update(task, completed=done_before + total)  # warm-up runs report no tokens
-            results.append({"name": s.name, "kind": s.kind, "info": s.info, **res})
-    reference = baselines[0].name if baselines else bundles[0].name
+            # An edgekv row names a backend other than onnxruntime (auto picks ort+tvm for
+            # compiled bundles).
+            backend = res.get("backend", "ort") if s.kind == "edgekv" else "ort"
+            name = s.name if backend == "ort" else f"{s.name} {backend}"
+            results.append({"name": name, "kind": s.kind, "info": s.info, **res})
+    reference = results[0]["name"]  # the first baseline, or else the first bundle
     doc_params = {**params, "prompt_lens": args.prompt_lens, "text": DEFAULT_TEXT_SOURCE}
     return report.document(results, doc_params, reference)
