@@ -23,7 +23,6 @@ class CodecCache(CompressedKVCache):
         # Allocated as a 16-bit ring (same slots), then widened to float32: dequantized values.
         fp = (16,) * policy.num_layers
         super().__init__(policy.with_(bits_k=fp, bits_v=fp), shape, batch, context)
-        self.quantized_policy = policy
         h = self.rotation
         self.rotation = {}  # the parent's view must not un-rotate: the ring is stored un-rotated
         self._h = h.get("k") if policy.rotation == "hadamard" else None
