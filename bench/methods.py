@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--codecs", default=DEFAULT_CODECS,
                     help="codec:K[/V] bits, comma-separated ('' skips part 1)")
     ap.add_argument("--outlier-fraction", type=float, default=0.01)
+    ap.add_argument("--salient", default="2:2,2:4,3:2",
+                    help="salient-token rows, bits:kept tokens per block, comma-separated ('' skips)")
     ap.add_argument("--eviction-window", type=int, default=256, help="0 skips part 2")
     ap.add_argument("--eviction-bits", default="16,3")
     ap.add_argument("--recent", default="0.5,0.25", help="H2O's always-kept recent fraction(s)")
@@ -43,6 +45,7 @@ def main() -> None:
     from edgekv.methods import CODECS, OutlierCodec
     from edgekv.methods.codec_cache import fit_codec, method_model
     from edgekv.methods.heavy_hitters import HeavyHitterCache
+    from edgekv.methods.salient import SalientTokenCache
     from edgekv.policy import CachePolicy
     from edgekv.quality.divergence import divergence
     from edgekv.quality.text import DEFAULT_TEXT_SOURCE, evaluation_text
@@ -95,6 +98,19 @@ def main() -> None:
                    "seconds": time.perf_counter() - t0}
             result["codecs"].append(row)
             print(row, flush=True)
+
+    for spec in (s for s in args.salient.split(",") if s):
+        bits, keep = (int(x) for x in spec.split(":"))
+        t0 = time.perf_counter()
+        pol = policy(bits, bits)
+        row = {"codec": f"salient tokens ({keep}/block exact)", "bits_k": bits, "bits_v": bits,
+               **score(method_model(model, policy(16, 16)),
+                       method_model(model, pol, cache_class=SalientTokenCache, keep=keep), per_sequence=True),
+               "average_bits": pol.average_bits(),
+               "bits_per_element": pol.bits_per_element(shape) + keep / pol.block * (16 - bits),
+               "seconds": time.perf_counter() - t0}
+        result["codecs"].append(row)
+        print(row, flush=True)
 
     if args.eviction_window:
         w = args.eviction_window

@@ -142,3 +142,27 @@ def test_divergence_is_zero_for_the_same_cache_and_matches_perplexity(tiny_model
     assert d.kl > 1e-4
     assert d.ppl_test == pytest.approx(perplexity(q, ids, sequences=2).ppl, rel=1e-5)
     assert d.ppl_reference == pytest.approx(perplexity(fp, ids, sequences=2).ppl, rel=1e-5)
+
+
+def test_salient_tokens_are_kept_exactly_and_chosen_by_attention(tiny_model):
+    from edgekv.methods.salient import SalientTokenCache
+
+    policy = _policy((2, 2), (2, 2), window=32)
+    ref = method_model(tiny_model, policy, cache_class=SalientTokenCache, keep=2)
+    cache = ref.new_cache()
+    seen = []
+    orig = cache._salient
+    cache._salient = lambda layer, x: seen.append((layer, cache.mass[layer].clone(),
+                                                   cache.viewers[layer].clone())) or orig(layer, x)
+    ref.forward(_ids(4 + 8, seed=10), cache)  # sinks + one block: pushed once per layer
+    assert len(seen) == 4  # keys and values of 2 layers
+    layer, mass, count = seen[0]
+    # Token j of the block is seen by the 8 - j queries at or after it, by all 4 heads.
+    assert torch.equal(count, torch.tensor([8.0 - j for j in range(8)]) * 4)
+    assert (mass > 0).all() and float(mass.sum()) < 8 * 4  # part of the mass went to the sinks
+    top = (mass / count).topk(2).indices
+    ring_k = cache.layers[layer]["ring_k"][0, :, 0]  # [H, B, D], un-rotated (no rotation here)
+    exact = cache.layers[layer]["residual_k"][0].float()
+    for j in range(8):
+        assert torch.equal(ring_k[:, j], exact[:, j]) == (j in top.tolist())
+    assert (cache.mass == 0).all()  # reset for the next block

@@ -42,11 +42,18 @@ class CodecCache(CompressedKVCache):
         k, v = c["residual_k"].float(), c["residual_v"].float()
         bk, bv = self.bits_k[layer], self.bits_v[layer]
         if bk != 16:
-            k = self._unrotate(self.codec.keys(layer, self._rotate(k), bk))
+            k = self._unrotate(self._encode_keys(layer, self._rotate(k), bk))
         if bv != 16:
-            v = self._unrotate(self.codec.values(layer, self._rotate(v), bv, self.policy.group))
+            v = self._unrotate(self._encode_values(layer, self._rotate(v), bv))
         c["ring_k"][:, :, slot] = k
         c["ring_v"][:, :, slot * b:(slot + 1) * b] = v
+
+    def _encode_keys(self, layer: int, k: torch.Tensor, bits: int) -> torch.Tensor:
+        """Hook for caches that quantize with what they observed (edgekv.methods.salient)."""
+        return self.codec.keys(layer, k, bits)
+
+    def _encode_values(self, layer: int, v: torch.Tensor, bits: int) -> torch.Tensor:
+        return self.codec.values(layer, v, bits, self.policy.group)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._h is None else x @ self._h
