@@ -223,9 +223,11 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
     alloc = allocate(sens, target)
     policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
     selection = None
-    held_out = calibration_ids(tokenizer, sens.meta.get("tokens", 0) + SELECTION_TOKENS)[sens.meta.get("tokens", 0):]
-    if select and len(held_out) >= 2 * base.block:
-        _, policy, selection = select_layout(model, held_out, sens, base, target)
+    if select:  # on the calibration tokens after the ones the sensitivities used
+        used = sens.meta.get("tokens", 0)
+        held_out = calibration_ids(tokenizer, used + SELECTION_TOKENS)[used:]
+        if len(held_out) >= 2 * base.block:
+            _, policy, selection = select_layout(model, held_out, sens, base, target)
     shape = kv_shape(model.config)
     n = base.num_layers
     predicted = sens.predicted_loss(policy.bits_k, policy.bits_v)

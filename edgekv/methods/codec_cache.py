@@ -62,6 +62,15 @@ class CodecCache(CompressedKVCache):
         return x if self._h is None else x @ self._h.T
 
 
+def attention_probs(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention [N, Hq, t, L+t] from what `observe_attention` receives: RoPE'd
+    queries [N, Hq, t, D], the keys attention reads [N, Hkv, L+t, D] (grouped-query heads
+    repeated) and the mask [t, L+t]."""
+    rep = q.shape[1] // keys.shape[1]
+    s = q @ keys.repeat_interleave(rep, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+
+
 def fit_codec(codec: RingCodec, model, tokenizer, policy: CachePolicy,
               widths: tuple[int, ...] = (2, 3, 4, 8)) -> RingCodec:
     """Fit `codec` on the calibration text (never the evaluation text): per layer, the

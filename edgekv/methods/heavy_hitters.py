@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekv.methods.codec_cache import CodecCache
+from edgekv.methods.codec_cache import CodecCache, attention_probs
 
 
 class HeavyHitterCache(CodecCache):
@@ -20,6 +20,7 @@ class HeavyHitterCache(CodecCache):
         if self.batch != 1:
             raise ValueError("HeavyHitterCache holds one sequence (eviction differs per sequence)")
         self.recent = recent
+        self._layer = 0  # the layer `view` last read: `_ring_order` answers for it
         n = self.shape.num_layers
         self.slot_block = [dict() for _ in range(n)]  # slot -> block number it holds
         self.block_score = [dict() for _ in range(n)]  # block number -> attention received
@@ -29,7 +30,7 @@ class HeavyHitterCache(CodecCache):
         return super().view(layer)
 
     def _ring_order(self) -> list[int]:
-        held = self.slot_block[getattr(self, "_layer", 0)]
+        held = self.slot_block[self._layer]
         return sorted(held, key=held.get)
 
     def _slot_for_next_block(self, layer: int) -> int:
@@ -50,9 +51,7 @@ class HeavyHitterCache(CodecCache):
                           mask: torch.Tensor) -> None:
         """Called by ReferenceModel with RoPE'd queries [1,Hq,t,D], the keys attention reads
         [1,Hkv,L+t,D] (cache order, then the new tokens) and the mask [t, L+t]."""
-        rep = q.shape[1] // keys.shape[1]
-        s = q @ keys.repeat_interleave(rep, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).sum((0, 1, 2))  # [L+t]
+        p = attention_probs(q, keys, mask).sum((0, 1, 2))  # [L+t]
         b, start = self.policy.block, self.n_sink
         scores = self.block_score[layer]
         order = self._ring_order()

@@ -2,14 +2,15 @@
 with the highest normalized attention score (attention received / queries that could see
 them, summed over the layer's heads) are stored exactly in fp16 and left out of the min/max
 ranges of the others, which are quantized as usual. Cost: keep/B of the elements at 16
-bits instead of b (keep/B x (16 - b) bits per element), plus a token index per kept token (negligible, shared by the heads).
-One sequence per cache (which tokens are salient differs per sequence)."""
+bits instead of b (keep/B x (16 - b) bits per element), plus a token index per kept token
+(negligible, shared by the heads). One sequence per cache (which tokens are salient
+differs per sequence)."""
 
 from __future__ import annotations
 
 import torch
 
-from edgekv.methods.codec_cache import CodecCache
+from edgekv.methods.codec_cache import CodecCache, attention_probs
 from edgekv.methods.outliers import _fake_quant
 
 
@@ -26,9 +27,7 @@ class SalientTokenCache(CodecCache):
     def observe_attention(self, layer: int, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> None:
         if self.n_sink < self.policy.sinks:
             return
-        rep = q.shape[1] // keys.shape[1]
-        s = q @ keys.repeat_interleave(rep, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)  # [1, Hq, t, L+t]
+        p = attention_probs(q, keys, mask)  # [1, Hq, t, L+t]
         t = q.shape[2]
         first = keys.shape[2] - t - self.n_res  # the residual's first column
         cols = slice(0, self.n_res + t)  # their positions in the block

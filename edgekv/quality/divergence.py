@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgekv.quality.perplexity import scored_chunks
 from edgekv.reference.model import ReferenceModel
 
 
@@ -41,17 +42,13 @@ def divergences(reference: ReferenceModel, tests: list[ReferenceModel], ids: lis
                 sequences: int = 1, step: int = 256, progress=None) -> list[DivergenceResult]:
     """`divergence` of several test models against one reference, which runs once."""
     n = len(ids) // sequences
-    if n < 2:
-        raise ValueError(f"{len(ids)} tokens are too few for {sequences} sequences")
-    x = torch.tensor(ids[: n * sequences]).view(sequences, n)
     ref_cache = reference.new_cache(batch=sequences, context=n)
     caches = [m.new_cache(batch=sequences, context=n) for m in tests]
     kl = [0.0] * len(tests)
     nll = [0.0] * len(tests)
     nll_ref, count = 0.0, 0
-    for start in range(0, n, step):
-        chunk = x[:, start:start + step]
-        targets = x[:, start + 1:start + 1 + chunk.shape[1]].unsqueeze(-1)
+    for chunk, targets in scored_chunks(ids, sequences, step):
+        targets = targets.unsqueeze(-1)
         lp_ref = torch.log_softmax(reference.forward(chunk, ref_cache)[:, : targets.shape[1]], -1)
         nll_ref -= float(lp_ref.gather(-1, targets).sum())
         p_ref = lp_ref.exp()

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from edgekv.policy import CachePolicy
 from edgekv.quality.passkey import passkey
 from edgekv.quality.divergence import divergence
-from edgekv.quality.perplexity import PerplexityResult, perplexity
+from edgekv.quality.perplexity import perplexity
 
 
 @dataclass
@@ -97,9 +97,9 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             n = shape.num_layers
             fp16 = ReferenceModel(model, policy.with_(bits_k=(16,) * n, bits_v=(16,) * n))
             d = divergence(fp16, ref, ids, sequences=sequences, progress=progress)
-            ppl, kl = PerplexityResult(d.ppl_test, math.log(d.ppl_test), d.tokens_scored), d.kl
+            ppl, kl = d.ppl_test, d.kl
         else:
-            ppl = perplexity(ref, ids, sequences=sequences, progress=progress)
+            ppl = perplexity(ref, ids, sequences=sequences, progress=progress).ppl
         trials = passkey(ref, tokenizer, passkey_lengths, passkey_depths,
                          progress=progress)
         secs = time.perf_counter() - t0
@@ -111,7 +111,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
         rows.append(EvalRow(
             setting=s.label, bits_k=list(policy.bits_k) if per_layer else s.bits_k,
             bits_v=list(policy.bits_v) if per_layer else s.bits_v, window=s.window, sinks=s.sinks,
-            block=s.block, group=s.group, ppl=ppl.ppl, delta_pct=None,
+            block=s.block, group=s.group, ppl=ppl, delta_pct=None,
             passkey_pct=100.0 * sum(t.found for t in trials) / len(trials) if trials else None,
             kv_bytes_per_token=policy.ring_bytes_per_token(shape),
             fp16_ratio=policy.fp16_ratio(shape, context),
