@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=4)
     ap.add_argument("--bits", default="2.5,3,4")
     ap.add_argument("--rotation", default="none,hadamard")
+    ap.add_argument("--fisher", default="sampled", help="comma list of edgekv.calibration.FISHER_KINDS")
     ap.add_argument("--json", default="bench/results/layouts-kl-smollm2.json")
     args = ap.parse_args()
 
@@ -42,9 +43,9 @@ def main() -> None:
     ids = loaded.tokenizer(evaluation_text()).input_ids[:args.max_tokens]
     rows = []
     fp16 = ReferenceModel(model, CachePolicy.uniform(n, 16, window=1024, sinks=4, block=32, group=32))
-    for rotation in args.rotation.split(","):
+    for rotation, fisher in ((r, f) for r in args.rotation.split(",") for f in args.fisher.split(",")):
         base = CachePolicy.uniform(n, 3, window=1024, sinks=4, block=32, group=32, rotation=rotation)
-        sens = measure(model, loaded.tokenizer, base)
+        sens = measure(model, loaded.tokenizer, base, fisher=fisher)
         for target in (float(b) for b in args.bits.split(",")):
             chosen, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=sens)
             held_out = {c["name"]: c["kl"] for c in record["selection"]["candidates"]}
@@ -53,7 +54,7 @@ def main() -> None:
             scores = divergences(fp16, [ReferenceModel(model, p) for p in cands.values()], ids,
                                  sequences=args.sequences)
             for (name, policy), d in zip(cands.items(), scores):
-                rows.append({"rotation": rotation, "target": target, "layout": name,
+                rows.append({"rotation": rotation, "fisher": fisher, "target": target, "layout": name,
                              "chosen": (policy.bits_k, policy.bits_v) == (chosen.bits_k, chosen.bits_v),
                              "selection_kl": held_out.get(name), "kl": d.kl,
                              "ppl": d.ppl_test, "reference_ppl": d.ppl_reference, "delta_pct": d.delta_pct,
@@ -61,18 +62,18 @@ def main() -> None:
                              "predicted_loss": sens.predicted_loss(policy.bits_k, policy.bits_v),
                              "bits_k": list(policy.bits_k), "bits_v": list(policy.bits_v),
                              "seconds": time.perf_counter() - t0})
-                print({k: rows[-1][k] for k in ("rotation", "target", "layout", "chosen", "selection_kl", "kl",
+                print({k: rows[-1][k] for k in ("rotation", "fisher", "target", "layout", "chosen", "selection_kl", "kl",
                                                  "delta_pct")}, flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"model": loaded.source, "text": DEFAULT_TEXT_SOURCE,
                                            "tokens": len(ids), "sequences": args.sequences, "rows": rows},
                                           indent=2))
     print(f"\nfp16 cache, same window: ppl {rows[0]['reference_ppl']:.3f}\n")
-    print("| rotation | average bits | layout | KL on held-out calibration | KL on evaluation text | Δppl |\n"
-          "|---|---:|---|---:|---:|---:|")
+    print("| rotation | Fisher | average bits | layout | KL on held-out calibration | KL on evaluation text | Δppl |\n"
+          "|---|---|---:|---|---:|---:|---:|")
     for r in rows:
         name = f"**{r['layout']}** (chosen)" if r["chosen"] else r["layout"]
-        print(f"| {r['rotation']} | {r['target']:g} | {name} | {r['selection_kl']:.5f} | {r['kl']:.5f} | "
+        print(f"| {r['rotation']} | {r['fisher']} | {r['target']:g} | {name} | {r['selection_kl']:.5f} | {r['kl']:.5f} | "
               f"{r['delta_pct']:+.2f} % |")
 
 

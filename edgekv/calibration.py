@@ -1,15 +1,18 @@
 """Calibration: how much each layer's keys and values lose at each code width.
 
-One forward + backward of the unquantized model over calibration text (the reserved last
-quarter of edgekv.quality.text, never the evaluation part) records, per layer, the
-pre-RoPE q/k/v (k, v rounded to fp16 as the cache stores them) and g = dLoss/d(attention
-output), the input of o_proj. Then, per layer, side and width, only that side of that
+One forward and a few backward passes of the unquantized model over calibration text (the
+reserved last quarter of edgekv.quality.text, never the evaluation part) record, per layer,
+the pre-RoPE q/k/v (k, v rounded to fp16 as the cache stores them) and the diagonal Fisher
+of the attention output (the input of o_proj): the mean of g^2, g = dLoss_y/d(output), over
+next tokens y drawn from the model itself, so the estimate is the curvature of the KL
+between the fp16 model and a perturbed one (the text's own labels, the "empirical" Fisher,
+stay available for comparison). Then, per layer, side and width, only that side of that
 layer is quantized with the cache's own quantizer (fake-quant: the codes the cache would
 store, dequantized), the attention output is recomputed for a sample of queries under the
 cache's visibility (fp16 sinks, quantized ring blocks within the window, the query's own
 block fp16 as the residual), and the loss increase is predicted with the diagonal Fisher
-estimate 1/2 * sum(g^2 * delta_o^2). Cheap (one backward, attention-only recomputation)
-and in loss units, so layers are comparable and the knapsack in edgekv.allocation can add
+estimate 1/2 * sum(E[g^2] * delta_o^2). Cheap (a forward, a few backwards, attention-only
+recomputation) and in loss units, so layers are comparable and the knapsack in edgekv.allocation can add
 them up. Needs torch; export and eval import it lazily.
 """
 
@@ -29,6 +32,10 @@ from edgekv.reference.model import _rotate_half, check_supported, kv_shape
 # 512 tokens keep export within its time budget on 2 CPU cores (one forward + backward).
 DEFAULT_TOKENS = 512
 DEFAULT_QUERIES = 128
+FISHER_KINDS = ("empirical", "sampled")
+# The true Fisher ranks layouts by the KL they cause; the empirical one (the text's own
+# labels) left the allocation no better than uniform under rotation (BENCHMARKS.md).
+DEFAULT_FISHER = "sampled"
 
 
 @dataclass
@@ -37,13 +44,20 @@ class Capture:
     k: list[torch.Tensor]  # [Hkv, T, D] pre-RoPE, fp16-rounded
     v: list[torch.Tensor]  # [Hkv, T, D] fp16-rounded
     grad: list[torch.Tensor]  # [T, Hq*D] dLoss(sum over tokens)/d(attention output)
+    grad_sq: list[torch.Tensor]  # [T, Hq*D] the diagonal Fisher the sensitivities weight by
     cos: torch.Tensor  # [T, D]
     sin: torch.Tensor
     nll: float  # mean NLL of the unquantized model on the text
 
 
-def capture(model, ids: list[int]) -> Capture:
-    """Forward + backward over `ids` with hooks; weights get no gradients."""
+def capture(model, ids: list[int], fisher: str = DEFAULT_FISHER, samples: int = 4, seed: int = 0) -> Capture:
+    """Forward + backward over `ids` with hooks; weights get no gradients. `fisher`:
+    "empirical" squares the gradient of the loss on the text's own next tokens;
+    "sampled" averages the squared gradients of `samples` losses on next tokens drawn from
+    the model's own distribution: the true Fisher, the curvature of KL(model || perturbed),
+    which is what layout selection and the benchmarks rank by."""
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
     check_supported(model.config)
     shape = kv_shape(model.config)
     hq, hkv, d = model.config.num_attention_heads, shape.num_kv_heads, shape.head_dim
@@ -80,7 +94,11 @@ def capture(model, ids: list[int]) -> Capture:
         with torch.enable_grad():
             logits = model(input_ids=x).logits[0, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
-            loss.backward()
+            loss.backward(retain_graph=fisher == "sampled")
+            grad = [o.grad[0].detach().float() for o in store["o"]]
+            grad_sq = [g ** 2 for g in grad]
+            if fisher == "sampled":
+                grad_sq = _sampled_fisher(logits, store["o"], samples, seed)
         positions = torch.arange(len(ids))
         cos, sin = model.model.rotary_emb(store["k"][0][None], positions[None])
     finally:
@@ -90,8 +108,25 @@ def capture(model, ids: list[int]) -> Capture:
             p.requires_grad_(f)
     fp16 = lambda t: t.to(torch.float16).float()  # noqa: E731  what the cache stores
     return Capture(q=store["q"], k=[fp16(t) for t in store["k"]], v=[fp16(t) for t in store["v"]],
-                   grad=[o.grad[0].detach().float() for o in store["o"]],
+                   grad=grad, grad_sq=grad_sq,
                    cos=cos[0].float(), sin=sin[0].float(), nll=float(loss.detach()) / (len(ids) - 1))
+
+
+def _sampled_fisher(logits: torch.Tensor, outputs: list[torch.Tensor], samples: int,
+                    seed: int) -> list[torch.Tensor]:
+    """Mean over `samples` label draws y ~ softmax(logits) of (dLoss_y/d output)^2."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(logits.detach(), -1)
+    acc = [torch.zeros_like(o[0], dtype=torch.float32) for o in outputs]
+    for s in range(samples):
+        for o in outputs:
+            o.grad = None
+        y = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        loss.backward(retain_graph=s < samples - 1)
+        for a, o in zip(acc, outputs):
+            a += o.grad[0].detach().float() ** 2
+    return [a / samples for a in acc]
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,7 +163,7 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
                       widths=WIDTHS) -> tuple[list[float], list[float]]:
     """Predicted summed loss increase (nats over the capture's tokens) for keys and for
     values of one layer at each width, the rest of the model unquantized."""
-    q, k, v, g = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad[layer]
+    q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
     rep = hq // k.shape[0]
     cos, sin = cap.cos, cap.sin
@@ -153,7 +188,7 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     p_f = torch.softmax(s_f.masked_fill(~visible, float("-inf")), -1)
     v_rep = v.repeat_interleave(rep, 0)
     o_f = p_f @ v_rep
-    g2 = g[queries].view(len(queries), hq, d).transpose(0, 1) ** 2  # [Hq, Q, D]
+    g2 = g2[queries].view(len(queries), hq, d).transpose(0, 1)  # [Hq, Q, D]
     # Queries are a sample: scale up to the whole text, then per scored token.
     norm = 0.5 * (n / len(queries)) / (n - 1)
     k_loss, v_loss = [], []
@@ -185,14 +220,14 @@ def calibration_ids(tokenizer, tokens: int = DEFAULT_TOKENS) -> list[int]:
 
 
 def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
-            queries: int = DEFAULT_QUERIES, widths=WIDTHS) -> Sensitivity:
+            queries: int = DEFAULT_QUERIES, widths=WIDTHS, fisher: str = DEFAULT_FISHER) -> Sensitivity:
     """Sensitivity of every layer's keys and values at every width, measured on the
     calibration text with `policy`'s geometry (sinks, block, group, window)."""
     t0 = time.perf_counter()
     ids = calibration_ids(tokenizer, tokens)
     n = len(ids)
     with torch.no_grad():
-        cap = capture(model, ids)
+        cap = capture(model, ids, fisher=fisher)
         # Queries: evenly spaced over the part of the text that attends to a ring.
         first = min(n - 1, policy.sinks + policy.block)
         qidx = torch.linspace(first, n - 1, min(queries, n - first)).round().long().unique()
@@ -203,9 +238,9 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
             values.append(tuple(vl))
     from edgekv.quality.text import DEFAULT_TEXT_SOURCE
 
-    meta = {"method": "diagonal-Fisher estimate of the loss increase from each layer's "
+    meta = {"method": f"diagonal-Fisher ({fisher}) estimate of the loss increase from each layer's "
                       "attention output, one side of one layer quantized at a time",
-            "text": DEFAULT_TEXT_SOURCE + ", calibration part (last 25 %)",
+            "fisher": fisher, "text": DEFAULT_TEXT_SOURCE + ", calibration part (last 25 %)",
             "tokens": n, "queries": int(len(qidx)), "base_nll": cap.nll,
             "seconds": round(time.perf_counter() - t0, 2)}
     return Sensitivity(tuple(widths), tuple(keys), tuple(values), meta)

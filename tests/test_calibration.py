@@ -72,7 +72,7 @@ def test_capture_records_projections_loss_and_gradient(tiny_model, captured):
 
 def _plain_sensitivity(cap, layer, policy, queries, bits):
     """One query at a time: build exactly the keys/values the cache would show it."""
-    q, k, v, g = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad[layer]
+    q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
     rep = hq // k.shape[0]
     sl = cal._quantizable(n, policy)
@@ -98,7 +98,7 @@ def _plain_sensitivity(cap, layer, policy, queries, bits):
         v_mixed = torch.where(quant[None, :, None], vq[:, idx], v[:, idx])
         kk_full, vv_full = k.clone(), v.clone()
         kk_full[:, idx], vv_full[:, idx] = k_mixed, v_mixed
-        gt = g[t].view(hq, 1, d) ** 2
+        gt = g2[t].view(hq, 1, d)
         total_k += float((gt * (out(kk_full, v) - ref) ** 2).sum())
         total_v += float((gt * (out(k, vv_full) - ref) ** 2).sum())
     norm = 0.5 * (n / len(queries)) / (n - 1)
@@ -138,3 +138,37 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     assert m2["policy"]["bits_k"] == [3, 3] and m2["policy"]["bits_v"] == [2, 2]
     assert m2["allocation"]["layout"] == "given"
 
+
+
+def test_sampled_fisher_is_the_expected_squared_gradient(tiny_model):
+    """For the last layer, position t's attention output reaches only logits t, so the true
+    Fisher there is exactly sum_y p_t(y) * (J_t^T (p_t - e_y))^2; the sampled estimate must
+    converge to it (not to the empirical squared gradient of the text's own labels)."""
+    ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    cap = cal.capture(tiny_model, ids, fisher="sampled", samples=1500, seed=5)
+    last = tiny_model.model.layers[-1].self_attn.o_proj
+    held = {}
+
+    def hook(_m, args):
+        a = args[0].detach().requires_grad_(True)
+        held["o"] = a
+        return (a,)
+
+    h = last.register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = tiny_model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            vocab = logits.shape[-1]
+            jac = torch.stack([torch.autograd.grad(logits[:, y].sum(), held["o"], retain_graph=True)[0][0, :-1]
+                               for y in range(vocab)], 1)  # [T-1, V, Hq*D]
+    finally:
+        h.remove()
+    p = torch.softmax(logits.detach(), -1)  # [T-1, V]
+    mean_j = torch.einsum("tv,tvd->td", p, jac)
+    exact = torch.einsum("tv,tvd->td", p, (mean_j[:, None] - jac) ** 2)
+    sampled = cap.grad_sq[-1][:-1]
+    assert float(sampled.sum()) == pytest.approx(float(exact.sum()), rel=0.08)
+    per_token = sampled.sum(-1) / exact.sum(-1)
+    assert torch.all((per_token > 0.7) & (per_token < 1.3)), per_token
+    empirical = cap.grad[-1][:-1] ** 2
+    assert not torch.allclose(empirical, exact, rtol=0.3)

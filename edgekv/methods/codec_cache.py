@@ -80,7 +80,7 @@ def fit_codec(codec: RingCodec, model, tokenizer, policy: CachePolicy,
 
     ids = calibration_ids(tokenizer)
     with torch.no_grad():
-        cap = capture(model, ids)
+        cap = capture(model, ids, fisher="empirical")  # only k and v are read
     sl = _quantizable(len(ids), policy)
     b = policy.block
     h = torch.from_numpy(hadamard(cap.k[0].shape[-1])) if policy.rotation == "hadamard" else None
