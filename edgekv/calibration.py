@@ -198,13 +198,13 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
             v_loss.append(0.0)
             continue
         kq = k.clone()
-        kq[:, sl] = unrotate(qt.fake_quantize_keys(rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), w)
+        kq[:, sl] = unrotate(qt.fake_quantize_keys(rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), w, policy.meta)
                              .reshape(-1, nblk * policy.block, d))
         s_q = torch.where(full, s_f, attend(kq))
         o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
         k_loss.append(float(norm * (g2 * (o - o_f) ** 2).sum()))
         vq = v.clone()
-        vq[:, sl] = unrotate(qt.fake_quantize_values(rotate(v[:, sl]), w, policy.group))
+        vq[:, sl] = unrotate(qt.fake_quantize_values(rotate(v[:, sl]), w, policy.group, policy.meta, policy.block))
         dv = (p_f * ring) @ (vq - v).repeat_interleave(rep, 0)
         v_loss.append(float(norm * (g2 * dv ** 2).sum()))
     return k_loss, v_loss

@@ -15,6 +15,13 @@ from edgekv.errors import PolicyError
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 PositionMode = Literal["cache", "original"]
 ROTATIONS = ("none", "hadamard")
+METAS = ("fp16", "u8")  # scale/zero storage (edgekv.meta_u8)
+META_FIELDS = 3  # fp16 numbers per block and KV head with "u8" metadata
+
+
+def quantized_parts(meta: str) -> tuple[str, ...]:
+    """What a quantized ring side stores: codes, scale, zero, and per block meta with "u8"."""
+    return ("codes", "scale", "zero", "meta") if meta == "u8" else ("codes", "scale", "zero")
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,9 @@ class CachePolicy:
     value group G, code width per layer for keys and values, position mode, and the
     rotation of quantized ring blocks ("hadamard": K and V are multiplied by an orthonormal
     Hadamard matrix along head_dim before quantizing and un-rotated when read; sinks, the
-    residual and 16-bit layers are never rotated)."""
+    residual and 16-bit layers are never rotated), and the scale/zero storage ("fp16" per
+    group, or "u8": 8-bit codes per group plus three fp16 numbers per block and head,
+    edgekv.meta_u8)."""
 
     bits_k: tuple[int, ...]
     bits_v: tuple[int, ...]
@@ -57,6 +66,7 @@ class CachePolicy:
     group: int = 32
     positions: PositionMode = "cache"
     rotation: str = "none"
+    meta: str = "fp16"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
@@ -104,6 +114,8 @@ class CachePolicy:
             raise PolicyError(f"positions must be 'cache' or 'original', got {self.positions!r}")
         if self.rotation not in ROTATIONS:
             raise PolicyError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.meta not in METAS:
+            raise PolicyError(f"meta must be one of {METAS}, got {self.meta!r}")
 
     def check_shape(self, shape: KVShape) -> None:
         """Errors for a policy that does not fit a model's cache shape."""
@@ -134,6 +146,7 @@ class CachePolicy:
         nblk = w // b
         bk, bv = self.bits_k[layer], self.bits_v[layer]
         pre = (batch, h)
+        md = "uint8" if self.meta == "u8" else "float16"
         t = [TensorSpec("sink_k", (*pre, self.sinks, d), "float16"),
              TensorSpec("sink_v", (*pre, self.sinks, d), "float16"),
              TensorSpec("residual_k", (*pre, b, d), "float16"),
@@ -142,14 +155,18 @@ class CachePolicy:
             t.append(TensorSpec("ring_k", (*pre, nblk, b, d), "float16"))
         else:
             t += [TensorSpec("ring_k_codes", (*pre, nblk, d, b * bk // 8), "uint8"),
-                  TensorSpec("ring_k_scale", (*pre, nblk, d), "float16"),
-                  TensorSpec("ring_k_zero", (*pre, nblk, d), "float16")]
+                  TensorSpec("ring_k_scale", (*pre, nblk, d), md),
+                  TensorSpec("ring_k_zero", (*pre, nblk, d), md)]
+            if self.meta == "u8":
+                t.append(TensorSpec("ring_k_meta", (*pre, nblk, META_FIELDS), "float16"))
         if bv == 16:
             t.append(TensorSpec("ring_v", (*pre, w, d), "float16"))
         else:
             t += [TensorSpec("ring_v_codes", (*pre, w, d * bv // 8), "uint8"),
-                  TensorSpec("ring_v_scale", (*pre, w, d // g), "float16"),
-                  TensorSpec("ring_v_zero", (*pre, w, d // g), "float16")]
+                  TensorSpec("ring_v_scale", (*pre, w, d // g), md),
+                  TensorSpec("ring_v_zero", (*pre, w, d // g), md)]
+            if self.meta == "u8":
+                t.append(TensorSpec("ring_v_meta", (*pre, nblk, META_FIELDS), "float16"))
         return t
 
     def layer_bytes(self, shape: KVShape, layer: int, context: int | None = None) -> int:
@@ -170,10 +187,12 @@ class CachePolicy:
     def ring_bytes_per_token(self, shape: KVShape) -> float:
         """Marginal bytes one more window token costs across all layers, metadata included."""
         h, d = shape.num_kv_heads, shape.head_dim
+        per_group = 2 if self.meta == "u8" else 4  # bytes of scale + zero
+        per_block = 2 * META_FIELDS if self.meta == "u8" else 0  # bytes per block and head
         total = 0.0
         for bk, bv in zip(self.bits_k, self.bits_v):
-            total += h * d * 2 if bk == 16 else h * d * (bk / 8 + 4 / self.block)
-            total += h * d * 2 if bv == 16 else h * d * (bv / 8 + 4 / self.group)
+            total += h * d * 2 if bk == 16 else h * (d * (bk / 8 + per_group / self.block) + per_block / self.block)
+            total += h * d * 2 if bv == 16 else h * (d * (bv / 8 + per_group / self.group) + per_block / self.block)
         return total
 
     def average_bits(self) -> float:
@@ -192,4 +211,5 @@ class CachePolicy:
         v = str(vs[0]) if len(vs) == 1 else "mixed"
         w = "inf" if self.window is None else str(self.window)
         rot = "" if self.rotation == "none" else f" rot={self.rotation}"
-        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}"
+        meta = "" if self.meta == "fp16" else f" meta={self.meta}"
+        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}{meta}"

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edgekv import meta_u8
 from edgekv.packing import pack, unpack
 
 FP16_REL_EPS = 2.0**-11  # relative rounding error of float16
@@ -24,8 +25,26 @@ FP16_REL_EPS = 2.0**-11  # relative rounding error of float16
 
 class Quantized(NamedTuple):
     codes: np.ndarray  # uint8, packed along the quantized axis
-    scale: np.ndarray  # float16
-    zero: np.ndarray  # float16
+    scale: np.ndarray  # float16, or uint8 scale codes with 8-bit metadata
+    zero: np.ndarray  # float16, or uint8 zero codes
+    meta: np.ndarray | None = None  # float16 [..., 3] per block with 8-bit metadata (edgekv.meta_u8)
+
+
+def _groups(mn: np.ndarray, mx: np.ndarray, bits: int, meta: str, axes: tuple[int, ...]):
+    """(stored scale, stored zero, block meta or None, scale and zero as float32)."""
+    if meta == "u8":
+        sc, zc, m = meta_u8.encode(mn, mx, bits, axes)
+        return (sc, zc, m, *meta_u8.decode(sc, zc, m, axes))
+    if meta != "fp16":
+        raise ValueError(f"metadata format must be one of {meta_u8.META_FORMATS}, got {meta!r}")
+    scale, zero = _scale_zero(mn, mx, bits)
+    return scale, zero, None, scale.astype(np.float32), zero.astype(np.float32)
+
+
+def _stored(q: Quantized, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    if q.meta is None:
+        return q.scale.astype(np.float32), q.zero.astype(np.float32)
+    return meta_u8.decode(q.scale, q.zero, q.meta, axes)
 
 
 def _scale_zero(mn: np.ndarray, mx: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,47 +55,49 @@ def _scale_zero(mn: np.ndarray, mx: np.ndarray, bits: int) -> tuple[np.ndarray, 
 
 
 def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    s = scale.astype(np.float32)
-    z = zero.astype(np.float32)
+    s = np.asarray(scale).astype(np.float32)
+    z = np.asarray(zero).astype(np.float32)
     safe = np.where(s > 0, s, np.float32(1.0))
     q = np.round((x - z) / safe)
     q = np.where(s > 0, q, 0.0)
     return np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
 
 
-def quantize_keys(block: np.ndarray, bits: int) -> Quantized:
-    """Keys block [..., B, D] fp -> codes [..., D, B*bits/8], scale/zero [..., D]."""
+def quantize_keys(block: np.ndarray, bits: int, meta: str = "fp16") -> Quantized:
+    """Keys block [..., B, D] fp -> codes [..., D, B*bits/8], scale/zero [..., D] (and with
+    meta "u8", the block's meta [..., 3])."""
     x = np.asarray(block, dtype=np.float32)
-    scale, zero = _scale_zero(x.min(axis=-2), x.max(axis=-2), bits)
-    codes = _codes(x, scale[..., None, :], zero[..., None, :], bits)
-    return Quantized(pack(np.swapaxes(codes, -1, -2), bits), scale, zero)
+    scale, zero, m, s32, z32 = _groups(x.min(axis=-2), x.max(axis=-2), bits, meta, (-1,))
+    codes = _codes(x, s32[..., None, :], z32[..., None, :], bits)
+    return Quantized(pack(np.swapaxes(codes, -1, -2), bits), scale, zero, m)
 
 
 def dequantize_keys(q: Quantized, bits: int, block: int) -> np.ndarray:
     """Inverse of `quantize_keys`: [..., B, D] float32."""
     codes = unpack(q.codes, bits, block).astype(np.float32)  # [..., D, B]
-    x = codes * q.scale.astype(np.float32)[..., None] + q.zero.astype(np.float32)[..., None]
-    return np.swapaxes(x, -1, -2)
+    scale, zero = _stored(q, (-1,))
+    return np.swapaxes(codes * scale[..., None] + zero[..., None], -1, -2)
 
 
-def quantize_values(x: np.ndarray, bits: int, group: int) -> Quantized:
-    """Values [..., T, D] -> codes [..., T, D*bits/8], scale/zero [..., T, D/G]."""
+def quantize_values(x: np.ndarray, bits: int, group: int, meta: str = "fp16") -> Quantized:
+    """Values [..., T, D] -> codes [..., T, D*bits/8], scale/zero [..., T, D/G]. With meta
+    "u8" the T tokens are one block: its meta is [..., 3]."""
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
     if d % group:
         raise ValueError(f"head_dim {d} is not a multiple of group {group}")
     g = x.reshape(*x.shape[:-1], d // group, group)
-    scale, zero = _scale_zero(g.min(axis=-1), g.max(axis=-1), bits)
-    codes = _codes(g, scale[..., None], zero[..., None], bits).reshape(x.shape)
-    return Quantized(pack(codes, bits), scale, zero)
+    scale, zero, m, s32, z32 = _groups(g.min(axis=-1), g.max(axis=-1), bits, meta, (-2, -1))
+    codes = _codes(g, s32[..., None], z32[..., None], bits).reshape(x.shape)
+    return Quantized(pack(codes, bits), scale, zero, m)
 
 
 def dequantize_values(q: Quantized, bits: int, group: int, head_dim: int) -> np.ndarray:
     """Inverse of `quantize_values`: [..., T, D] float32."""
     codes = unpack(q.codes, bits, head_dim).astype(np.float32)
     g = codes.reshape(*codes.shape[:-1], head_dim // group, group)
-    x = g * q.scale.astype(np.float32)[..., None] + q.zero.astype(np.float32)[..., None]
-    return x.reshape(codes.shape)
+    scale, zero = _stored(q, (-2, -1))
+    return (g * scale[..., None] + zero[..., None]).reshape(codes.shape)
 
 
 def error_bound(mn: np.ndarray, mx: np.ndarray, bits: int) -> np.ndarray:

@@ -129,11 +129,12 @@ def build_decoder(model, policy: CachePolicy, tokens: int, context: int | None =
         new_outputs += [helper.make_tensor_value_info(n, F16, [1, hkv, t, d]) for n in (k16, v16)]
         bk, bv = policy.bits_k[i], policy.bits_v[i]
         rotate = policy.rotation == "hadamard"
-        name = attention_name(bk, bv, rotate)
+        name = attention_name(bk, bv, rotate, policy.meta)
         if name not in functions:
             functions[name] = attention_function(bk, bv, num_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                                 block=policy.block, group=policy.group, rotate=rotate)
-        cache = [f"past.{i}.{n}" for n in attention_inputs(bk, bv)[8:]]
+                                                 block=policy.block, group=policy.group, rotate=rotate,
+                                                 meta=policy.meta)
+        cache = [f"past.{i}.{n}" for n in attention_inputs(bk, bv, policy.meta)[8:]]
         o = e.op(name, q, e.op("Cast", k16, to=F32), e.op("Cast", v16, to=F32),
                  cos, sin, cos_q, sin_q, mask, *cache, domain=DOMAIN)
         o = e.op("Reshape", e.op("Transpose", o, perm=[0, 2, 1, 3]), e.i64(t, hq * d))

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
+from edgekv.policy import quantized_parts
+
 DOMAIN = "edgekv"
 DOMAIN_VERSION = 1
 OPSET = 18  # BitwiseAnd/BitwiseOr and Split(num_outputs) need 18
@@ -140,22 +142,73 @@ def pack(e: Emitter, codes: str, bits: int, rank: int) -> str:
 
 
 # ---- quantization (edgekv.quant) --------------------------------------------------------
-def _quantize(e: Emitter, x: str, axis: int, bits: int) -> tuple[str, str, str]:
-    """fp32 x -> (codes uint8 like x, scale fp16, zero fp16 reduced over `axis`)."""
+def _to_f16_f32(e: Emitter, x: str) -> str:
+    return e.op("Cast", e.op("Cast", x, to=F16), to=F32)
+
+
+def _encode_u8(e: Emitter, mn: str, mx: str, bits: int, axes: tuple[int, ...]) -> tuple[str, str, str, str, str]:
+    """edgekv.meta_u8.encode, op for op: (scale codes u8, zero codes u8, meta fp16 [1,H,3],
+    decoded scale fp32, decoded zero fp32)."""
+    ax = e.i64(*axes)
+    lo = _to_f16_f32(e, e.op("ReduceMin", mn, ax, keepdims=1))
+    dz = _to_f16_f32(e, e.op("Div", e.op("Sub", e.op("ReduceMax", mn, ax, keepdims=1), lo), e.f32(255.0)))
+    pos = e.op("Greater", dz, e.f32(0.0))
+    zc = e.op("Floor", e.op("Div", e.op("Sub", mn, lo), e.op("Where", pos, dz, e.f32(1.0))))
+    zc = e.op("Clip", e.op("Where", pos, zc, e.f32(0.0)), e.f32(0.0), e.f32(255.0))
+    zero = e.op("Add", lo, e.op("Mul", zc, dz))
+    need = e.op("Div", e.op("Sub", mx, zero), e.f32(float((1 << bits) - 1)))
+    top = _to_f16_f32(e, e.op("Mul", e.op("ReduceMax", need, ax, keepdims=1), e.f32(1 + 2**-10)))
+    last = e.i64(-1)
+    reach = e.op("GreaterOrEqual", e.op("Mul", e.op("Unsqueeze", top, last), _scale_table(e)),
+                 e.op("Unsqueeze", need, last))
+    sc = e.op("Sub", e.op("ReduceSum", e.op("Cast", reach, to=F32), last, keepdims=0), e.f32(1.0))
+    sc = e.op("Clip", sc, e.f32(0.0), e.f32(255.0))
+    scale = e.op("Mul", top, e.op("Gather", _scale_table(e), e.op("Cast", sc, to=TensorProto.INT64), axis=0))
+    meta = e.op("Concat", *(e.op("Reshape", t, e.i64(0, 0, 1)) for t in (lo, dz, top)), axis=-1)
+    return e.op("Cast", sc, to=U8), e.op("Cast", zc, to=U8), e.op("Cast", meta, to=F16), scale, zero
+
+
+def _decode_u8(e: Emitter, scale_code: str, zero_code: str, meta: str) -> tuple[str, str]:
+    """edgekv.meta_u8.decode: codes [..., n] u8 and meta [..., 3] fp16 of the same block
+    -> (scale, zero) fp32 [..., n]."""
+    m = e.op("Cast", meta, to=F32)
+    lo, dz, top = (e.op("Slice", m, e.i64(i), e.i64(i + 1), e.i64(-1)) for i in range(3))
+    zero = e.op("Add", lo, e.op("Mul", e.op("Cast", zero_code, to=F32), dz))
+    scale = e.op("Mul", top, e.op("Gather", _scale_table(e), e.op("Cast", scale_code, to=TensorProto.INT64), axis=0))
+    return scale, zero
+
+
+def _scale_table(e: Emitter) -> str:
+    from edgekv.meta_u8 import SCALE_TABLE
+
+    return e.const(SCALE_TABLE, np.float32)
+
+
+def _quantize(e: Emitter, x: str, axis: int, bits: int, meta: str = "fp16",
+              super_axes: tuple[int, ...] = ()) -> tuple[str, ...]:
+    """fp32 x -> (codes uint8 like x, scale, zero reduced over `axis`): fp16, or with meta
+    "u8" uint8 codes plus the block's meta [1,H,3] (its groups span `super_axes` of the
+    reduced shape)."""
     levels = float((1 << bits) - 1)
     ax = e.i64(axis)
     mn = e.op("ReduceMin", x, ax, keepdims=0)
     mx = e.op("ReduceMax", x, ax, keepdims=0)
-    scale = e.op("Cast", e.op("Div", e.op("Sub", mx, mn), e.f32(levels)), to=F16)
-    zero = e.op("Cast", mn, to=F16)
-    s = e.op("Unsqueeze", e.op("Cast", scale, to=F32), ax)
-    z = e.op("Unsqueeze", e.op("Cast", zero, to=F32), ax)
+    if meta == "u8":
+        scale, zero, block_meta, s32, z32 = _encode_u8(e, mn, mx, bits, super_axes)
+        stored = (scale, zero, block_meta)
+    else:
+        scale = e.op("Cast", e.op("Div", e.op("Sub", mx, mn), e.f32(levels)), to=F16)
+        zero = e.op("Cast", mn, to=F16)
+        s32, z32 = e.op("Cast", scale, to=F32), e.op("Cast", zero, to=F32)
+        stored = (scale, zero)
+    s = e.op("Unsqueeze", s32, ax)
+    z = e.op("Unsqueeze", z32, ax)
     nonzero = e.op("Greater", s, e.f32(0.0))
     safe = e.op("Where", nonzero, s, e.f32(1.0))
     q = e.op("Round", e.op("Div", e.op("Sub", x, z), safe))  # division, as the reference does
     q = e.op("Where", nonzero, q, e.f32(0.0))
     q = e.op("Clip", q, e.f32(0.0), e.f32(levels))
-    return e.op("Cast", q, to=U8), scale, zero
+    return (e.op("Cast", q, to=U8), *stored)
 
 
 def _hadamard(e: Emitter, head_dim: int) -> str:
@@ -165,60 +218,64 @@ def _hadamard(e: Emitter, head_dim: int) -> str:
     return e.const(hadamard(head_dim), np.float32)
 
 
-def _suffix(rotate: bool) -> str:
-    return "_rot" if rotate else ""
+def _suffix(rotate: bool, meta: str = "fp16") -> str:
+    return ("_rot" if rotate else "") + ("_m8" if meta == "u8" else "")
 
 
-def quantize_keys_function(bits: int, rotate_dim: int = 0) -> FunctionProto:
-    """QuantizeKeys_b{bits}[_rot]: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8], scale/zero
-    [1,H,D]. rotate_dim = D: rotate x by the Hadamard matrix first (policy.rotation)."""
+def _outputs(e: Emitter, names: tuple[str, ...], values: tuple[str, ...]) -> None:
+    for n, v in zip(names, values):
+        e.op("Identity", v, out=n)
+
+
+def quantize_keys_function(bits: int, rotate_dim: int = 0, meta: str = "fp16") -> FunctionProto:
+    """QuantizeKeys_b{bits}[_rot][_m8]: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8],
+    scale/zero [1,H,D] (fp16, or uint8 codes and meta [1,H,3] with meta "u8").
+    rotate_dim = D: rotate x by the Hadamard matrix first (policy.rotation)."""
     e = Emitter()
     x = e.op("Cast", "x", to=F32)
     if rotate_dim:
         x = e.op("MatMul", x, _hadamard(e, rotate_dim))
-    codes, scale, zero = _quantize(e, x, 2, bits)
+    codes, *stored = _quantize(e, x, 2, bits, meta, (-1,))
     codes = pack(e, e.op("Transpose", codes, perm=[0, 1, 3, 2]), bits, rank=4)
-    e.op("Identity", codes, out="codes")
-    e.op("Identity", scale, out="scale")
-    e.op("Identity", zero, out="zero")
-    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}{_suffix(bool(rotate_dim))}", ["x"],
-                                ["codes", "scale", "zero"],
-                                e.nodes, [helper.make_opsetid("", OPSET)])
+    parts = quantized_parts(meta)
+    _outputs(e, parts, (codes, *stored))
+    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}{_suffix(bool(rotate_dim), meta)}", ["x"],
+                                list(parts), e.nodes, [helper.make_opsetid("", OPSET)])
 
 
-def quantize_values_function(bits: int, group: int, rotate_dim: int = 0) -> FunctionProto:
-    """QuantizeValues_b{bits}_g{group}[_rot]: x fp16 [1,H,T,D] -> codes [1,H,T,D*bits/8],
-    scale/zero [1,H,T,D/G]."""
+def quantize_values_function(bits: int, group: int, rotate_dim: int = 0, meta: str = "fp16") -> FunctionProto:
+    """QuantizeValues_b{bits}_g{group}[_rot][_m8]: x fp16 [1,H,T,D] -> codes
+    [1,H,T,D*bits/8], scale/zero [1,H,T,D/G] (with meta "u8": uint8 codes, and the T tokens
+    are one block whose meta is [1,H,3])."""
     e = Emitter()
     x = e.op("Cast", "x", to=F32)
     if rotate_dim:
         x = e.op("MatMul", x, _hadamard(e, rotate_dim))
     x = e.op("Reshape", x, e.i64(0, 0, 0, -1, group))
-    codes, scale, zero = _quantize(e, x, 4, bits)
+    codes, *stored = _quantize(e, x, 4, bits, meta, (2, 3))
     codes = pack(e, e.op("Reshape", codes, e.i64(0, 0, 0, -1)), bits, rank=4)
-    e.op("Identity", codes, out="codes")
-    e.op("Identity", scale, out="scale")
-    e.op("Identity", zero, out="zero")
-    return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}{_suffix(bool(rotate_dim))}", ["x"],
-                                ["codes", "scale", "zero"], e.nodes, [helper.make_opsetid("", OPSET)])
+    parts = quantized_parts(meta)
+    _outputs(e, parts, (codes, *stored))
+    return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}{_suffix(bool(rotate_dim), meta)}",
+                                ["x"], list(parts), e.nodes, [helper.make_opsetid("", OPSET)])
 
 
 # ---- compressed attention ----------------------------------------------------------------
-def ring_names(bits: int, side: str) -> list[str]:
+def ring_names(bits: int, side: str, meta: str = "fp16") -> list[str]:
     """The ring buffers of one side as CachePolicy.layer_tensors names them."""
-    return [f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in ("codes", "scale", "zero")]
+    return [f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in quantized_parts(meta)]
 
 
-def attention_inputs(bits_k: int, bits_v: int) -> list[str]:
+def attention_inputs(bits_k: int, bits_v: int, meta: str = "fp16") -> list[str]:
     return (["q", "k", "v", "cos_k", "sin_k", "cos_q", "sin_q", "mask",
              "sink_k", "sink_v", "residual_k", "residual_v"]
-            + ring_names(bits_k, "k") + ring_names(bits_v, "v"))
+            + ring_names(bits_k, "k", meta) + ring_names(bits_v, "v", meta))
 
 
-def attention_name(bits_k: int, bits_v: int, rotate: bool = False) -> str:
+def attention_name(bits_k: int, bits_v: int, rotate: bool = False, meta: str = "fp16") -> str:
     """rotate: the policy rotates quantized blocks (a 16/16 layer has none to un-rotate)."""
-    rotated = rotate and (bits_k != 16 or bits_v != 16)
-    return f"CompressedAttention_k{bits_k}_v{bits_v}{_suffix(rotated)}"
+    quantized = bits_k != 16 or bits_v != 16
+    return f"CompressedAttention_k{bits_k}_v{bits_v}{_suffix(rotate and quantized, meta if quantized else 'fp16')}"
 
 
 def _rope(e: Emitter, x: str, cos: str, sin: str) -> str:
@@ -228,33 +285,45 @@ def _rope(e: Emitter, x: str, cos: str, sin: str) -> str:
     return e.op("Add", e.op("Mul", x, cos), e.op("Mul", rot, sin))
 
 
-def _ring_keys(e: Emitter, bits: int, head_dim: int, block: int) -> str:
+def _ring_keys(e: Emitter, bits: int, head_dim: int, block: int, meta: str = "fp16") -> str:
     """Ring keys in slot order, fp32 [1,H,W,D] (pre-RoPE)."""
     if bits == 16:
         return e.op("Reshape", e.op("Cast", "ring_k", to=F32), e.i64(0, 0, -1, head_dim))
     codes = e.op("Cast", unpack_rows(e, "ring_k_codes", bits, block, head_dim), to=F32)
     axis = e.i64(-2)
-    scale = e.op("Unsqueeze", e.op("Cast", "ring_k_scale", to=F32), axis)
-    zero = e.op("Unsqueeze", e.op("Cast", "ring_k_zero", to=F32), axis)
+    if meta == "u8":  # scale/zero codes [1,H,nblk,D], meta [1,H,nblk,3]
+        scale, zero = _decode_u8(e, "ring_k_scale", "ring_k_zero", "ring_k_meta")
+    else:
+        scale, zero = e.op("Cast", "ring_k_scale", to=F32), e.op("Cast", "ring_k_zero", to=F32)
+    scale, zero = e.op("Unsqueeze", scale, axis), e.op("Unsqueeze", zero, axis)
     x = e.op("Add", e.op("Mul", codes, scale), zero)  # [1,H,nblk,B,D]
     return e.op("Reshape", x, e.i64(0, 0, -1, head_dim))
 
 
-def _ring_values(e: Emitter, bits: int, head_dim: int, group: int) -> str:
+def _ring_values(e: Emitter, bits: int, head_dim: int, group: int, block: int = 0, meta: str = "fp16") -> str:
     """Ring values in slot order, fp32 [1,H,W,D]."""
     if bits == 16:
         return e.op("Cast", "ring_v", to=F32)
     codes = unpack_last(e, "ring_v_codes", bits, head_dim)
     codes = e.op("Cast", e.op("Reshape", codes, e.i64(0, 0, 0, head_dim // group, group)), to=F32)
     axis = e.i64(-1)
-    scale = e.op("Unsqueeze", e.op("Cast", "ring_v_scale", to=F32), axis)
-    zero = e.op("Unsqueeze", e.op("Cast", "ring_v_zero", to=F32), axis)
+    if meta == "u8":  # codes per token [1,H,W,D/G]; meta per block [1,H,nblk,3]
+        per_block = e.i64(0, 0, -1, block, head_dim // group)
+        scale, zero = _decode_u8(e, e.op("Reshape", "ring_v_scale", per_block),
+                                 e.op("Reshape", "ring_v_zero", per_block),
+                                 e.op("Unsqueeze", "ring_v_meta", e.i64(3)))
+        per_token = e.i64(0, 0, -1, head_dim // group)
+        scale, zero = e.op("Reshape", scale, per_token), e.op("Reshape", zero, per_token)
+    else:
+        scale, zero = e.op("Cast", "ring_v_scale", to=F32), e.op("Cast", "ring_v_zero", to=F32)
+    scale, zero = e.op("Unsqueeze", scale, axis), e.op("Unsqueeze", zero, axis)
     x = e.op("Add", e.op("Mul", codes, scale), zero)
     return e.op("Reshape", x, e.i64(0, 0, 0, head_dim))
 
 
 def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads: int,
-                       head_dim: int, block: int, group: int, rotate: bool = False) -> FunctionProto:
+                       head_dim: int, block: int, group: int, rotate: bool = False,
+                       meta: str = "fp16") -> FunctionProto:
     """CompressedAttention_k{bk}_v{bv}.
 
     Inputs: q [1,Hq,T,D] fp32 pre-RoPE; k, v [1,Hkv,T,D] fp32 (already fp16-rounded);
@@ -272,7 +341,7 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     n_rep = num_heads // num_kv_heads
     rot_k, rot_v = rotate and bits_k != 16, rotate and bits_v != 16
     h = _hadamard(e, head_dim) if rot_k or rot_v else None
-    ring_k = _ring_keys(e, bits_k, head_dim, block)
+    ring_k = _ring_keys(e, bits_k, head_dim, block, meta)
     if rot_k:
         ring_k = e.op("MatMul", ring_k, h)
     keys = e.op("Concat", e.op("Cast", "sink_k", to=F32), ring_k,
@@ -280,7 +349,7 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     fp_vals = [e.op("Cast", "sink_v", to=F32), e.op("Cast", "residual_v", to=F32), "v"]
     if rot_v:
         fp_vals = [e.op("MatMul", x, h) for x in fp_vals]
-    vals = e.op("Concat", fp_vals[0], _ring_values(e, bits_v, head_dim, group), *fp_vals[1:], axis=2)
+    vals = e.op("Concat", fp_vals[0], _ring_values(e, bits_v, head_dim, group, block, meta), *fp_vals[1:], axis=2)
     keys = _rope(e, keys, "cos_k", "sin_k")
     q = e.op("Mul", _rope(e, "q", "cos_q", "sin_q"), e.f32(1.0 / math.sqrt(head_dim)))
     # GQA: query head h reads KV head h // n_rep, so [1,Hq,T,D] -> [1,Hkv,n_rep,T,D] and
@@ -294,5 +363,5 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     if rot_v:
         o = e.op("MatMul", o, h)
     e.op("Reshape", o, e.i64(1, num_heads, -1, head_dim), out="o")
-    return helper.make_function(DOMAIN, attention_name(bits_k, bits_v, rotate), attention_inputs(bits_k, bits_v),
+    return helper.make_function(DOMAIN, attention_name(bits_k, bits_v, rotate, meta), attention_inputs(bits_k, bits_v, meta),
                                 ["o"], e.nodes, [helper.make_opsetid("", OPSET)])

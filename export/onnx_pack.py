@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from edgekv.export.onnx_ops import (
     DOMAIN, F16, U8, Emitter, opset_imports, quantize_keys_function, quantize_values_function,
 )
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import META_FIELDS, CachePolicy, KVShape, quantized_parts
 
 IR_VERSION = 9  # what onnxruntime >= 1.15 reads; nothing here needs more
 
@@ -37,16 +37,18 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     for side, widths in (("k", kbits), ("v", vbits)):
         for b in widths:
             if side == "k":
-                fn = quantize_keys_function(b, rotate_dim)
-                shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d])
+                fn = quantize_keys_function(b, rotate_dim, policy.meta)
+                shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d], [1, h, META_FIELDS])
             else:
-                fn = quantize_values_function(b, g, rotate_dim)
-                shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // g], [1, h, blk, d // g])
+                fn = quantize_values_function(b, g, rotate_dim, policy.meta)
+                shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // g], [1, h, blk, d // g], [1, h, META_FIELDS])
             functions.append(fn)
-            names = [f"{side}{b}_codes", f"{side}{b}_scale", f"{side}{b}_zero"]
+            parts = quantized_parts(policy.meta)
+            names = [f"{side}{b}_{part}" for part in parts]
             e.op(fn.name, side, out=names, domain=DOMAIN)
+            md = U8 if policy.meta == "u8" else F16
             outputs += [helper.make_tensor_value_info(n, t, s)
-                        for n, t, s in zip(names, (U8, F16, F16), shapes)]
+                        for n, t, s in zip(names, (U8, md, md, F16), shapes)]
     if not outputs:  # an all-16-bit policy still gets a valid (pass-through) graph
         e.op("Identity", "k", out="k16")
         e.op("Identity", "v", out="v16")

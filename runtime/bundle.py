@@ -100,7 +100,8 @@ def manifest_policy(manifest: dict) -> tuple[CachePolicy, KVShape]:
         policy = CachePolicy(bits_k=p["bits_k"], bits_v=p["bits_v"], sinks=p["sinks"],
                              window=p["window"], block=p["block"], group=p["group"],
                              positions=p.get("positions", "cache"),
-                             rotation=p.get("rotation", "none"))  # bundles before rotation: none
+                             rotation=p.get("rotation", "none"),  # bundles before rotation: none
+                             meta=p.get("meta", "fp16"))  # bundles before 8-bit metadata: fp16
         shape = KVShape(int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
         policy.check_shape(shape)
     except (KeyError, TypeError, PolicyError) as e:

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import CachePolicy, KVShape, quantized_parts
 
 # Packs one layer's full residual; returns arrays named like pack.onnx's outputs.
 PackFn = Callable[[int], Mapping[str, np.ndarray]]
@@ -154,7 +154,7 @@ class CacheState:
         if bk == 16:
             buf[pre + "ring_k"][:, :, slot] = buf[pre + "residual_k"]
         else:
-            for part in ("codes", "scale", "zero"):
+            for part in quantized_parts(p.meta):
                 buf[f"{pre}ring_k_{part}"][:, :, slot] = packed[f"k{bk}_{part}"]
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
@@ -162,3 +162,5 @@ class CacheState:
         else:
             for part in ("codes", "scale", "zero"):
                 buf[f"{pre}ring_v_{part}"][:, :, toks] = packed[f"v{bv}_{part}"]
+            if p.meta == "u8":  # one set per block, so it sits at the block's slot
+                buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"v{bv}_meta"]

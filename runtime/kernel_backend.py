@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekv.errors import EdgekvError
+from edgekv.policy import quantized_parts
 from edgekv.runtime.bundle import Bundle
 from edgekv.runtime.cache_state import CacheState, aligned_zeros
 from edgekv.runtime.ort_backend import OrtBackend
@@ -127,8 +128,8 @@ class KernelBackend(OrtBackend):
         self._calls = []
         for i in range(self.num_layers):
             bk, bv = p.bits_k[i], p.bits_v[i]
-            ring_k = ["ring_k"] if bk == 16 else ["ring_k_codes", "ring_k_scale", "ring_k_zero"]
-            ring_v = ["ring_v"] if bv == 16 else ["ring_v_codes", "ring_v_scale", "ring_v_zero"]
+            ring_k = ["ring_k"] if bk == 16 else [f"ring_k_{n}" for n in quantized_parts(p.meta)]
+            ring_v = ["ring_v"] if bv == 16 else [f"ring_v_{n}" for n in quantized_parts(p.meta)]
             arrays = [self.q_rot, *(buf[f"past.{i}.{n}"] for n in ("sink_k", "sink_v", "residual_k", "residual_v")),
                       *(buf[f"past.{i}.{n}"] for n in ring_k + ring_v),
                       t.sink_cos, t.sink_sin, t.blk_cos, t.blk_sin, t.off_cos, t.off_sin, self.counts,

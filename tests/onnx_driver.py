@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from edgekv.export.onnx_graph import build_decoder, cache_inputs
 from edgekv.export.onnx_pack import build_pack
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import CachePolicy, KVShape, quantized_parts
 from edgekv.reference.model import kv_shape
 
 
@@ -123,7 +123,7 @@ class OnnxDriver:
         if bk == 16:
             buf[pre + "ring_k"][:, :, slot] = rk
         else:
-            for n in ("codes", "scale", "zero"):
+            for n in quantized_parts(p.meta):
                 buf[f"{pre}ring_k_{n}"][:, :, slot] = packed[f"k{bk}_{n}"]
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
@@ -131,6 +131,8 @@ class OnnxDriver:
         else:
             for n in ("codes", "scale", "zero"):
                 buf[f"{pre}ring_v_{n}"][:, :, toks] = packed[f"v{bv}_{n}"]
+            if p.meta == "u8":
+                buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"v{bv}_meta"]
 
     def _commit(self, t: int) -> None:
         if self.n_sink < self.policy.sinks:

@@ -54,3 +54,20 @@ def test_windowless_cache_is_sized_by_context():
         p.total_bytes(SHAPE)
     # 4 sinks + ceil(96 / 32) blocks of ring + one residual block.
     assert p.total_bytes(SHAPE, context=100) == 30 * 2 * 3 * 64 * 2 * (4 + 96 + 32)
+
+
+def test_u8_metadata_bytes_by_hand():
+    p = CachePolicy.uniform(30, 3, window=1024, sinks=4, block=32, group=32, meta="u8")
+    h, d = 3, 64
+    fp16 = (4 + 32) * h * d * 2 * 2
+    k = h * 1024 * d * 3 // 8 + 2 * h * (1024 // 32) * d + h * (1024 // 32) * 3 * 2  # codes, u8 scale/zero, meta
+    v = h * 1024 * d * 3 // 8 + 2 * h * 1024 * (d // 32) + h * (1024 // 32) * 3 * 2
+    assert p.layer_bytes(SHAPE, 0) == fp16 + k + v
+    names = {t.name: t.dtype for t in p.layer_tensors(SHAPE, 0)}
+    assert names["ring_k_scale"] == names["ring_v_zero"] == "uint8" and names["ring_v_meta"] == "float16"
+    assert p.bits_per_element(SHAPE) == pytest.approx(3 + 0.5 + 48 / (32 * 64))
+    assert p.ring_bytes_per_token(SHAPE) * 1024 == pytest.approx(30 * (k + v))
+    assert p.fp16_ratio(SHAPE) == pytest.approx(0.2467, abs=1e-4)
+    assert "meta=u8" in p.describe()
+    with pytest.raises(PolicyError, match="meta must be one of"):
+        CachePolicy.uniform(30, 3, meta="int4")

@@ -60,3 +60,48 @@ def test_more_bits_means_less_error():
     x = _data((4, 32, 64), 7)
     errs = [np.abs(quant.dequantize_keys(quant.quantize_keys(x, b), b, 32) - x).mean() for b in BITS]
     assert errs == sorted(errs, reverse=True)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_u8_metadata_covers_every_group_and_torch_matches(bits):
+    """8-bit scale/zero (edgekv.meta_u8): the decoded grid starts at or below each group's
+    minimum (up to the fp16 rounding of the block's lo, as fp16 zeros round) and reaches its
+    maximum, so every element is within half a decoded step; the step is at most one scale
+    code (2.2 %) plus the zero's 1/255 of the minima's spread above the fp16-metadata step;
+    numpy and torch store the same bytes."""
+    from edgekv import meta_u8
+
+    x = _data((2, 3, 32, 64), 10 + bits)
+    q = quant.quantize_keys(x, bits, "u8")
+    assert q.scale.dtype == q.zero.dtype == np.uint8 and q.meta.shape == (2, 3, 3)
+    scale, zero = meta_u8.decode(q.scale, q.zero, q.meta, (-1,))
+    mn, mx = x.min(-2), x.max(-2)
+    lo_slack = 2.0**-11 * np.abs(mn).max(-1, keepdims=True)
+    assert np.all(zero <= mn + lo_slack) and np.all(zero + ((1 << bits) - 1) * scale >= mx - 1e-6)
+    back = quant.dequantize_keys(q, bits, 32)
+    assert np.all(np.abs(back - x) <= scale[..., None, :] / 2 + lo_slack[..., None] + 1e-6)
+    step16 = (mx - mn) / ((1 << bits) - 1)
+    spread = mn.max(-1, keepdims=True) - mn.min(-1, keepdims=True)
+    assert np.all(scale <= step16 * 2 ** (1 / 32) * (1 + 1e-3) + spread / 255 / ((1 << bits) - 1) * 1.01)
+    t = qt.quantize_keys(torch.from_numpy(x), bits, "u8")
+    for got, want in zip(t, q):
+        np.testing.assert_array_equal(got.numpy(), want)
+    v = quant.quantize_values(x, bits, 32, "u8")  # one block of 32 tokens per [n, h]
+    assert v.meta.shape == (2, 3, 3)
+    tv = qt.quantize_values(torch.from_numpy(x), bits, 32, "u8")
+    for got, want in zip(tv, v):
+        np.testing.assert_array_equal(got.numpy(), want)
+    vs, _ = meta_u8.decode(v.scale, v.zero, v.meta, (-2, -1))
+    err = np.abs(quant.dequantize_values(v, bits, 32, 64) - x)
+    assert np.all(err <= np.repeat(vs, 32, axis=-1) / 2 + 2.0**-11 * np.abs(x).max() + 1e-6)
+    fake = qt.fake_quantize_values(torch.from_numpy(x), bits, 32, "u8", 32).numpy()
+    np.testing.assert_array_equal(fake, quant.dequantize_values(v, bits, 32, 64))
+
+
+def test_u8_metadata_costs_little_against_fp16():
+    """Mean squared error of 8-bit against fp16 metadata on outlier-channel keys: within 10 %."""
+    x = _data((4, 3, 32, 64), 3)
+    for bits in (2, 3, 4):
+        e16 = np.mean((quant.dequantize_keys(quant.quantize_keys(x, bits), bits, 32) - x) ** 2)
+        e8 = np.mean((quant.dequantize_keys(quant.quantize_keys(x, bits, "u8"), bits, 32) - x) ** 2)
+        assert e16 < e8 < 1.10 * e16, (bits, e8 / e16)

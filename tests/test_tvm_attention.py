@@ -77,3 +77,15 @@ def test_rotated_cache_matches_reference(bits_k, bits_v):
         params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=chunk, seed=fill)
         assert params.rotate
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
+
+
+@pytest.mark.parametrize("bits_k,bits_v,rotation", [(3, 3, "none"), (2, 4, "hadamard"), (16, 3, "none"), (4, 16, "hadamard")])
+def test_u8_metadata_matches_reference(bits_k, bits_v, rotation):
+    """policy.meta = u8: scale/zero decoded in the tile from 8-bit codes and the block's
+    meta (exp2 where the reference reads a table: within an ulp); decode and a chunk."""
+    pol = CachePolicy.uniform(1, bits_k=bits_k, bits_v=bits_v, sinks=S, window=W, block=B, group=16,
+                              rotation=rotation, meta="u8")
+    for fill, chunk in ((S + 5, 1), (S + 2 * B + 3, 1), (S + 9 * B + 7, 1), (S + 9 * B, 8)):
+        params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=chunk, seed=fill)
+        assert params.meta == "u8"
+        np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")

@@ -17,11 +17,12 @@ except ImportError:  # tests/ imported as a package
     from tests.runtime_helpers import ROOT, make_bundle
 
 
-def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("meta", ["fp16", "u8"])
+def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta):
     """30-token prompt + 40 tokens through a 32-token window: prefill chunks, padded
     prefill, decode, packing (2/4/8-bit layers and fp16 ring parts) and eviction all run
-    on both backends."""
-    policy = CachePolicy(bits_k=(4, 8), bits_v=(2, 16), window=32, sinks=4, block=8, group=8)
+    on both backends, with fp16 or 8-bit scale/zero."""
+    policy = CachePolicy(bits_k=(4, 8), bits_v=(2, 16), window=32, sinks=4, block=8, group=8, meta=meta)
     bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
     prompt = np.random.default_rng(0).integers(0, 256, 30).tolist()
     got, logits = {}, {}

@@ -28,7 +28,7 @@ def test_pack_bit_exact(bits, side):
     for seed in range(3):
         x = _block(seed)
         ref = quant.quantize_keys(x, bits) if side == "k" else quant.quantize_values(x, bits, p.group)
-        outs = [tvm.runtime.empty(r.shape, str(r.dtype)) for r in ref]
+        outs = [tvm.runtime.empty(r.shape, str(r.dtype)) for r in ref[:3]]  # fp16 metadata: no meta
         lib["main"](tvm.runtime.tensor(x), *outs)
         for name, got, want in zip(("codes", "scale", "zero"), outs, ref):
             np.testing.assert_array_equal(got.numpy(), want, err_msg=f"{name} bits={bits} side={side}")

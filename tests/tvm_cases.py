@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import CachePolicy, KVShape, quantized_parts
 from edgekv.reference.cache import CompressedKVCache
 from edgekv.tvm_kernels.params import AttnParams
 from edgekv.tvm_kernels.rope import RopeTables, inv_freq, rotate
@@ -75,11 +75,11 @@ def kernel_case(policy: CachePolicy, shape: KVShape, num_heads: int, tokens: int
         counts = [cache.n_sink, cache.ring_filled, cache.n_res + c]
     slots = p.window // p.block
     params = AttnParams(num_heads, h, d, p.sinks, slots, p.block, p.group, p.bits_k[0], p.bits_v[0], c,
-                        p.rotation == "hadamard")
+                        p.rotation == "hadamard", p.meta)
     tables = RopeTables(p, freqs, slots)
     tables.update(cache.n_sink, cache.blocks_pushed)
-    ring_k = ["ring_k"] if params.bits_k == 16 else ["ring_k_codes", "ring_k_scale", "ring_k_zero"]
-    ring_v = ["ring_v"] if params.bits_v == 16 else ["ring_v_codes", "ring_v_scale", "ring_v_zero"]
+    ring_k = ["ring_k"] if params.bits_k == 16 else [f"ring_k_{n}" for n in quantized_parts(p.meta)]
+    ring_v = ["ring_v"] if params.bits_v == 16 else [f"ring_v_{n}" for n in quantized_parts(p.meta)]
     args = [qr, layer["sink_k"], layer["sink_v"], layer["residual_k"], layer["residual_v"],
             *(layer[n] for n in ring_k), *(layer[n] for n in ring_v),
             tables.sink_cos, tables.sink_sin, tables.blk_cos, tables.blk_sin, tables.off_cos, tables.off_sin,

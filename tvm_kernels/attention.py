@@ -6,6 +6,8 @@ Inputs (batch 1, the buffers exactly as CachePolicy.layer_tensors lists them):
   sink_k, sink_v [1,H,S,D] f16; residual_k, residual_v [1,H,B,D] f16;
   ring keys: codes [1,H,N,D,B*bk/8] u8 + scale/zero [1,H,N,D] f16 (or ring_k [1,H,N,B,D] f16);
   ring values: codes [1,H,N*B,D*bv/8] u8 + scale/zero [1,H,N*B,D/G] f16 (or ring_v f16);
+  with 8-bit metadata (p.meta "u8") scale/zero are u8 codes and each side adds its
+  per-block meta [1,H,N,3] f16 (edgekv.meta_u8);
   RoPE tables (rope.py): sink_cos/sin [S,D/2]; blk_cos/sin [N+1,D/2], the angle of each
   ring block's first token and (row N) the residual's; off_cos/sin [D/2,B], the angle of
   offset t inside a block;
@@ -104,18 +106,36 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
     sink_v = te.placeholder((1, h, s, d), F16, name="sink_v")
     res_k = te.placeholder((1, h, b, d), F16, name="residual_k")
     res_v = te.placeholder((1, h, b, d), F16, name="residual_v")
+    u8 = p.meta == "u8"
+    md = U8 if u8 else F16
     if bk == 16:
         ring_k = [te.placeholder((1, h, n, b, d), F16, name="ring_k")]
     else:
         ring_k = [te.placeholder((1, h, n, d, b * bk // 8), U8, name="ring_k_codes"),
-                  te.placeholder((1, h, n, d), F16, name="ring_k_scale"),
-                  te.placeholder((1, h, n, d), F16, name="ring_k_zero")]
+                  te.placeholder((1, h, n, d), md, name="ring_k_scale"),
+                  te.placeholder((1, h, n, d), md, name="ring_k_zero")]
+        if u8:
+            ring_k.append(te.placeholder((1, h, n, 3), F16, name="ring_k_meta"))
     if bv == 16:
         ring_v = [te.placeholder((1, h, n * b, d), F16, name="ring_v")]
     else:
         ring_v = [te.placeholder((1, h, n * b, d * bv // 8), U8, name="ring_v_codes"),
-                  te.placeholder((1, h, n * b, d // g), F16, name="ring_v_scale"),
-                  te.placeholder((1, h, n * b, d // g), F16, name="ring_v_zero")]
+                  te.placeholder((1, h, n * b, d // g), md, name="ring_v_scale"),
+                  te.placeholder((1, h, n * b, d // g), md, name="ring_v_zero")]
+        if u8:
+            ring_v.append(te.placeholder((1, h, n, 3), F16, name="ring_v_meta"))
+
+    def scale_zero(side, i, m, at):
+        """(scale, zero) fp32 of group `at` of ring block m: fp16 as stored, or decoded from
+        8-bit codes and the block's (lo, dz, top) (edgekv.meta_u8; exp2 instead of the
+        table: within an ulp, which attention tolerates)."""
+        sc, z = side[1][at], side[2][at]
+        if not u8:
+            return sc.astype(F32), z.astype(F32)
+        meta = side[3]
+        top, lo, dz = (meta[0, i, m, f].astype(F32) for f in (2, 0, 1))
+        return (top * tirx.exp2(sc.astype(F32) * tirx.const(-1.0 / 32, F32)),
+                lo + z.astype(F32) * dz)
     sink_cos = te.placeholder((s, d2), F32, name="sink_cos")
     sink_sin = te.placeholder((s, d2), F32, name="sink_sin")
     blk_cos = te.placeholder((n + 1, d2), F32, name="blk_cos")
@@ -130,10 +150,13 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
     if bk == 16:
         kd = te.compute((h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: ring_k[0][0, i, m, t * 8 + l, hf * d2 + e].astype(F32), name="kdeq")
     else:
-        codes, ksc, kz = ring_k
-        kd = te.compute((h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: _code(
-            lambda x: codes[0, i, m, hf * d2 + e, x], t, l, bk).astype(F32)
-            * ksc[0, i, m, hf * d2 + e].astype(F32) + kz[0, i, m, hf * d2 + e].astype(F32), name="kdeq")
+        codes = ring_k[0]
+
+        def kdeq(i, m, hf, e, t, l):
+            sc, z = scale_zero(ring_k, i, m, (0, i, m, hf * d2 + e))
+            return _code(lambda x: codes[0, i, m, hf * d2 + e, x], t, l, bk).astype(F32) * sc + z
+
+        kd = te.compute((h, n, 2, d2, u, 8), kdeq, name="kdeq")
 
     if p.rotate and bk != 16:
         # the key tile's channel is hf * D/2 + e: un-rotate it before RoPE (which does not
@@ -229,11 +252,14 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
     if bv == 16:
         vd = te.compute((h, n, b, w, 8), lambda i, m, tok, x, l: ring_v[0][0, i, m * b + tok, x * 8 + l].astype(F32), name="vdeq")
     else:
-        vcodes, vsc, vz = ring_v
+        vcodes = ring_v[0]
         gu = g // 8  # units of 8 channels per group: the group index is the unit's, not the lane's
-        vd = te.compute((h, n, b, w, 8), lambda i, m, tok, x, l: _code(
-            lambda y: vcodes[0, i, m * b + tok, y], x, l, bv).astype(F32)
-            * vsc[0, i, m * b + tok, x // gu].astype(F32) + vz[0, i, m * b + tok, x // gu].astype(F32), name="vdeq")
+
+        def vdeq(i, m, tok, x, l):
+            sc, z = scale_zero(ring_v, i, m, (0, i, m * b + tok, x // gu))
+            return _code(lambda y: vcodes[0, i, m * b + tok, y], x, l, bv).astype(F32) * sc + z
+
+        vd = te.compute((h, n, b, w, 8), vdeq, name="vdeq")
     om, ot = te.reduce_axis((0, n), name="om"), te.reduce_axis((0, b), name="ot")
     orr = te.compute((h, r, c, w, 8), lambda i, j, k, x, l: te.sum(
         er[i, j, k, om, ot // 8, ot % 8] * vd[i, om, ot, x, l], axis=[om, ot]), name="pv_ring")

@@ -52,8 +52,11 @@ class AttnParams:
     bits_v: int
     chunk: int = 1
     rotate: bool = False  # quantized ring blocks hold K/V times the Hadamard matrix (policy.rotation)
+    meta: str = "fp16"  # scale/zero storage (policy.meta): fp16, or u8 codes + per-block meta
 
     def __post_init__(self) -> None:
+        if self.meta not in ("fp16", "u8"):
+            raise ValueError(f"meta must be 'fp16' or 'u8', got {self.meta!r}")
         if self.rotate and self.head_dim & (self.head_dim - 1):
             raise ValueError(f"the Hadamard rotation needs a power-of-two head_dim, got {self.head_dim}")
         if self.bits_k not in ATTN_BITS or self.bits_v not in ATTN_BITS:
@@ -75,7 +78,7 @@ class AttnParams:
     def key(self) -> str:
         return (f"hq{self.num_heads}_hkv{self.num_kv_heads}_d{self.head_dim}_s{self.sinks}"
                 f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}"
-                + ("_rot" if self.rotate else ""))
+                + ("_rot" if self.rotate else "") + ("_m8" if self.meta == "u8" else ""))
 
     @property
     def tokens(self) -> int:
@@ -87,8 +90,10 @@ class AttnParams:
         h, d, b = self.num_kv_heads, self.head_dim, self.block
         w = self.slots * b if ring_tokens is None else ring_tokens
         fp16 = (self.sinks + b) * h * d * 2 * 2
-        k = w * h * d * 2 if self.bits_k == 16 else w * h * d * self.bits_k // 8 + (w // b) * h * d * 4
-        v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group) * 4)
+        sz = 2 if self.meta == "u8" else 4  # scale + zero bytes per group
+        blk = (w // b) * h * 6 if self.meta == "u8" else 0  # per-block meta
+        k = w * h * d * 2 if self.bits_k == 16 else w * h * d * self.bits_k // 8 + (w // b) * h * d * sz + blk
+        v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group) * sz) + blk
         return fp16 + k + v
 
 
@@ -106,4 +111,4 @@ def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
     slots = policy.ring_capacity(context) // policy.block
     return AttnParams(num_heads, shape.num_kv_heads, shape.head_dim, policy.sinks, slots,
                       policy.block, policy.group, policy.bits_k[layer], policy.bits_v[layer], chunk,
-                      policy.rotation == "hadamard")
+                      policy.rotation == "hadamard", policy.meta)

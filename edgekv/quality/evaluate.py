@@ -22,6 +22,7 @@ class EvalSetting:
     group: int
     positions: str = "cache"
     rotation: str = "none"
+    meta: str = "fp16"
     calibrated: float | None = None  # average code width: per-layer bits from calibration
 
     @property
@@ -29,6 +30,8 @@ class EvalSetting:
         w = "full" if self.window is None else f"W{self.window}"
         if self.rotation != "none" and not self.bits_k == self.bits_v == 16:
             w += f" {self.rotation}"
+        if self.meta != "fp16" and not self.bits_k == self.bits_v == 16:
+            w += f" meta {self.meta}"
         if self.calibrated is not None:
             return f"calibrated {self.calibrated:g}-bit {w}"
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
@@ -36,13 +39,13 @@ class EvalSetting:
         return f"{kv} {w}"
 
     def geometry(self) -> tuple:
-        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation)
+        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta)
 
     def policy(self, num_layers: int) -> CachePolicy:
         """The cache policy; for a calibrated setting, its geometry with the base widths
         (the bits come from `calibrated_setting`)."""
         common = dict(window=self.window, sinks=self.sinks, block=self.block, group=self.group,
-                      positions=self.positions, rotation=self.rotation)
+                      positions=self.positions, rotation=self.rotation, meta=self.meta)
         return CachePolicy.uniform(num_layers, bits_k=self.bits_k, bits_v=self.bits_v, **common)
 
 

@@ -115,15 +115,19 @@ class CompressedKVCache:
         if bk == 16:
             ring_k = c["ring_k"][:, :, idx].float()
         else:
+            meta = c["ring_k_meta"][:, :, idx] if "ring_k_meta" in c else None
             ring_k = qt.dequantize_keys(c["ring_k_codes"][:, :, idx], c["ring_k_scale"][:, :, idx],
-                                        c["ring_k_zero"][:, :, idx], bk, b)
+                                        c["ring_k_zero"][:, :, idx], bk, b, meta)
         ring_k = ring_k.reshape(n, h, len(order) * b, d)
         tok = (idx[:, None] * b + torch.arange(b)).reshape(-1)
         if bv == 16:
             ring_v = c["ring_v"][:, :, tok].float()
         else:
-            ring_v = qt.dequantize_values(c["ring_v_codes"][:, :, tok], c["ring_v_scale"][:, :, tok],
-                                          c["ring_v_zero"][:, :, tok], bv, p.group, d)
+            codes = c["ring_v_codes"][:, :, tok].unflatten(2, (len(order), b))  # [N,H,blocks,B,..]
+            meta = c["ring_v_meta"][:, :, idx] if "ring_v_meta" in c else None
+            ring_v = qt.dequantize_values(codes, c["ring_v_scale"][:, :, tok].unflatten(2, (len(order), b)),
+                                          c["ring_v_zero"][:, :, tok].unflatten(2, (len(order), b)), bv, p.group, d,
+                                          meta).flatten(2, 3)
         if "k" in self.rotation and bk != 16:
             ring_k = ring_k @ self.rotation["k"].T
         if "v" in self.rotation and bv != 16:
@@ -169,14 +173,18 @@ class CompressedKVCache:
         if bk == 16:
             c["ring_k"][:, :, slot] = rk
         else:
-            codes, scale, zero = qt.quantize_keys(rk, bk)
-            c["ring_k_codes"][:, :, slot], c["ring_k_scale"][:, :, slot], c["ring_k_zero"][:, :, slot] = codes, scale, zero
+            q = qt.quantize_keys(rk, bk, p.meta)
+            for part, x in zip(("codes", "scale", "zero", "meta"), q):
+                c[f"ring_k_{part}"][:, :, slot] = x
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
             c["ring_v"][:, :, toks] = rv
         else:
-            codes, scale, zero = qt.quantize_values(rv, bv, p.group)
-            c["ring_v_codes"][:, :, toks], c["ring_v_scale"][:, :, toks], c["ring_v_zero"][:, :, toks] = codes, scale, zero
+            q = qt.quantize_values(rv, bv, p.group, p.meta)  # one block: its meta is per block
+            for part, x in zip(("codes", "scale", "zero"), q):
+                c[f"ring_v_{part}"][:, :, toks] = x
+            if p.meta == "u8":
+                c["ring_v_meta"][:, :, slot] = q[3]
 
     def _grow(self, layer: int) -> None:
         """Window-less cache only: double the ring (a reference convenience; a device

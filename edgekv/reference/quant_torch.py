@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from edgekv import meta_u8
 from edgekv.packing import packed_len
 
 
@@ -45,51 +46,98 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     return q.clamp(0, (1 << bits) - 1).to(torch.uint8)
 
 
-def quantize_keys(block: torch.Tensor, bits: int):
-    """[..., B, D] -> (codes [..., D, B*bits/8], scale [..., D], zero [..., D])."""
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).float()
+
+
+def encode_u8(mn: torch.Tensor, mx: torch.Tensor, bits: int, axes: tuple[int, ...]):
+    """Twin of edgekv.meta_u8.encode: (scale codes u8, zero codes u8, meta f16 [..., 3])."""
+    levels = float((1 << bits) - 1)
+    lo = _f16(mn.amin(axes, keepdim=True))
+    dz = _f16((mn.amax(axes, keepdim=True) - lo) / 255.0)
+    zc = torch.where(dz > 0, torch.floor((mn - lo) / torch.where(dz > 0, dz, 1.0)), 0.0).clamp(0, 255)
+    need = (mx - (lo + zc * dz)) / levels
+    top = _f16(need.amax(axes, keepdim=True) * (1 + 2**-10))
+    table = torch.from_numpy(meta_u8.SCALE_TABLE)
+    sc = ((top.unsqueeze(-1) * table) >= need.unsqueeze(-1)).sum(-1).sub(1).clamp(0, 255)
+    meta = torch.stack([a.squeeze(axes) if len(axes) == 1 else a.flatten(-len(axes))[..., 0]
+                        for a in (lo, dz, top)], -1)
+    return sc.to(torch.uint8), zc.to(torch.uint8), meta.to(torch.float16)
+
+
+def decode_u8(scale_code: torch.Tensor, zero_code: torch.Tensor, meta: torch.Tensor, axes: tuple[int, ...]):
+    """Twin of edgekv.meta_u8.decode: (scale, zero) float32 shaped like the codes."""
+    m = meta.float()
+    lo, dz, top = (m[..., i].reshape(*m.shape[:-1], *(1,) * len(axes)) for i in range(meta_u8.META_FIELDS))
+    table = torch.from_numpy(meta_u8.SCALE_TABLE)
+    return top * table[scale_code.long()], lo + zero_code.float() * dz
+
+
+def _groups(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta: str, axes: tuple[int, ...]):
+    """(stored scale, stored zero, block meta or None, scale and zero as float32)."""
+    if meta == "u8":
+        sc, zc, m = encode_u8(mn, mx, bits, axes)
+        return (sc, zc, m, *decode_u8(sc, zc, m, axes))
+    scale, zero = _scale_zero(mn, mx, bits)
+    return scale, zero, None, scale.float(), zero.float()
+
+
+def _stored(scale: torch.Tensor, zero: torch.Tensor, meta: torch.Tensor | None, axes: tuple[int, ...]):
+    return (scale.float(), zero.float()) if meta is None else decode_u8(scale, zero, meta, axes)
+
+
+def quantize_keys(block: torch.Tensor, bits: int, meta: str = "fp16"):
+    """[..., B, D] -> (codes [..., D, B*bits/8], scale [..., D], zero [..., D]), plus the
+    block's meta [..., 3] when meta is "u8"."""
     x = block.float()
-    scale, zero = _scale_zero(x.amin(-2), x.amax(-2), bits)
-    codes = _codes(x, scale.unsqueeze(-2), zero.unsqueeze(-2), bits)
-    return pack(codes.transpose(-1, -2), bits), scale, zero
+    scale, zero, m, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,))
+    codes = pack(_codes(x, s.unsqueeze(-2), z.unsqueeze(-2), bits).transpose(-1, -2), bits)
+    return (codes, scale, zero) if m is None else (codes, scale, zero, m)
 
 
 def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    bits: int, block: int) -> torch.Tensor:
+                    bits: int, block: int, meta: torch.Tensor | None = None) -> torch.Tensor:
     c = unpack(codes, bits, block).float()  # [..., D, B]
-    return (c * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).transpose(-1, -2)
+    s, z = _stored(scale, zero, meta, (-1,))
+    return (c * s.unsqueeze(-1) + z.unsqueeze(-1)).transpose(-1, -2)
 
 
-def quantize_values(x: torch.Tensor, bits: int, group: int):
-    """[..., T, D] -> (codes [..., T, D*bits/8], scale [..., T, D/G], zero [..., T, D/G])."""
+def quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16"):
+    """[..., T, D] -> (codes [..., T, D*bits/8], scale [..., T, D/G], zero [..., T, D/G]),
+    plus the block's meta [..., 3] (the T tokens are one block) when meta is "u8"."""
     x = x.float()
     d = x.shape[-1]
     g = x.reshape(*x.shape[:-1], d // group, group)
-    scale, zero = _scale_zero(g.amin(-1), g.amax(-1), bits)
-    codes = _codes(g, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(x.shape)
-    return pack(codes, bits), scale, zero
+    scale, zero, m, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1))
+    codes = pack(_codes(g, s.unsqueeze(-1), z.unsqueeze(-1), bits).reshape(x.shape), bits)
+    return (codes, scale, zero) if m is None else (codes, scale, zero, m)
 
 
 def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                      bits: int, group: int, head_dim: int) -> torch.Tensor:
+                      bits: int, group: int, head_dim: int, meta: torch.Tensor | None = None) -> torch.Tensor:
     c = unpack(codes, bits, head_dim).float()
     g = c.reshape(*c.shape[:-1], head_dim // group, group)
-    return (g * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).reshape(c.shape)
+    s, z = _stored(scale, zero, meta, (-2, -1))
+    return (g * s.unsqueeze(-1) + z.unsqueeze(-1)).reshape(c.shape)
 
 
-def fake_quantize_keys(x: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_keys(x: torch.Tensor, bits: int, meta: str = "fp16") -> torch.Tensor:
     """dequantize(quantize(x)) for key blocks [..., B, D], without packing (packing is
     lossless): what attention reads back for these keys. Calibration uses it."""
     x = x.float()
-    scale, zero = _scale_zero(x.amin(-2), x.amax(-2), bits)
-    s, z = scale.float().unsqueeze(-2), zero.float().unsqueeze(-2)
-    return _codes(x, scale.unsqueeze(-2), zero.unsqueeze(-2), bits).float() * s + z
+    *_, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,))
+    s, z = s.unsqueeze(-2), z.unsqueeze(-2)
+    return _codes(x, s, z, bits).float() * s + z
 
 
-def fake_quantize_values(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """dequantize(quantize(x)) for values [..., T, D] in groups of `group`, without packing."""
+def fake_quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16",
+                         block: int | None = None) -> torch.Tensor:
+    """dequantize(quantize(x)) for values [..., T, D] in groups of `group`, without packing.
+    With meta "u8", `block` tokens share a block's metadata (T a multiple of it)."""
     x = x.float()
-    d = x.shape[-1]
+    shape, d = x.shape, x.shape[-1]
+    if meta == "u8":
+        x = x.reshape(*shape[:-2], shape[-2] // block, block, d)
     g = x.reshape(*x.shape[:-1], d // group, group)
-    scale, zero = _scale_zero(g.amin(-1), g.amax(-1), bits)
-    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
-    return (_codes(g, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).float() * s + z).reshape(x.shape)
+    *_, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1))
+    return (_codes(g, s.unsqueeze(-1), z.unsqueeze(-1), bits).float() * s.unsqueeze(-1) + z.unsqueeze(-1)).reshape(shape)

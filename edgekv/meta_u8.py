@@ -1,0 +1,59 @@
+"""8-bit scale/zero metadata (policy.meta = "u8"), numpy reference.
+
+fp16 scale and zero cost 32 bits per group: 1 bit per element at block = group = 32, a
+quarter of a 3-bit ring. Here each group stores an 8-bit zero code and an 8-bit scale code,
+and each block and KV head three fp16 numbers, `meta` = (lo, dz, top):
+
+    zero  = lo + zero_code * dz          (lo: the block's lowest group minimum,
+                                          dz: (highest minimum - lo) / 255)
+    scale = top * SCALE_TABLE[scale_code] (top: the block's largest scale,
+                                          SCALE_TABLE[e] = 2**(-e/32))
+
+A group's zero code is rounded down and its scale code chosen as the smallest scale that
+still reaches the group's maximum from that zero, so the grid covers the group (up to the
+fp16 rounding of lo, as fp16 zeros round today). The scale code is found by comparing
+against the table rather than by a logarithm, and every step is one IEEE fp32 operation,
+so the numpy, torch and ONNX encoders agree bit for bit. bench/methods.py measured what
+it costs (BENCHMARKS.md "8-bit scale/zero").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+META_FORMATS = ("fp16", "u8")
+SCALE_STEPS = 32  # scale codes per octave: 2.2 % steps over a 2**8 range per block
+SCALE_TABLE = np.exp2(-np.arange(256, dtype=np.float64) / SCALE_STEPS).astype(np.float32)
+META_FIELDS = 3  # lo, dz, top (fp16) per block and KV head
+F32 = np.float32
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def encode(mn: np.ndarray, mx: np.ndarray, bits: int, axes: tuple[int, ...]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group ranges [mn, mx] (float32, the block's groups along `axes`) -> (scale codes
+    uint8, zero codes uint8, meta float16 [..., 3] with `axes` reduced away)."""
+    mn, mx = np.asarray(mn, F32), np.asarray(mx, F32)
+    levels = F32((1 << bits) - 1)
+    lo = _f16(mn.min(axis=axes, keepdims=True))
+    dz = _f16((mn.max(axis=axes, keepdims=True) - lo) / F32(255))
+    zc = np.clip(np.where(dz > 0, np.floor((mn - lo) / np.where(dz > 0, dz, F32(1))), F32(0)), 0, 255)
+    need = (mx - (lo + zc * dz)) / levels
+    top = _f16(need.max(axis=axes, keepdims=True) * F32(1 + 2**-10))  # fp16 must not round below
+    reach = (top[..., None] * SCALE_TABLE) >= need[..., None]
+    sc = np.clip(reach.sum(axis=-1) - 1, 0, 255)
+    meta = np.stack([a.squeeze(axis=axes) for a in (lo, dz, top)], axis=-1)
+    return sc.astype(np.uint8), zc.astype(np.uint8), meta.astype(np.float16)
+
+
+def decode(scale_code: np.ndarray, zero_code: np.ndarray, meta: np.ndarray, axes: tuple[int, ...]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero) float32 shaped like the codes; `meta` [..., 3] broadcast over `axes`."""
+    m = np.asarray(meta, dtype=np.float32)
+    lo, dz, top = (np.expand_dims(m[..., i], axes) for i in range(META_FIELDS))
+    zero = lo + zero_code.astype(F32) * dz
+    scale = top * SCALE_TABLE[scale_code.astype(np.int64)]
+    return scale, zero
