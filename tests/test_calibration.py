@@ -130,7 +130,9 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     assert set(p["bits_k"] + p["bits_v"]) <= {2, 3, 4, 8} and a["calibration"]["tokens"] > 100
     chosen = [c for c in a["selection"]["candidates"] if c["name"] == a["selection"]["chosen"]]
     assert chosen and chosen[0]["bits_k"] == p["bits_k"] and chosen[0]["bits_v"] == p["bits_v"]
-    assert m["cache"]["bits_per_element_with_metadata"] == pytest.approx(p["average_bits"] + 4)  # 2 fp16 per 8 elements
+    # 8-bit scale + zero per 8 elements, 3 fp16 per block of 8 x 16 (the default u8 metadata)
+    assert p["meta"] == "u8"
+    assert m["cache"]["bits_per_element_with_metadata"] == pytest.approx(p["average_bits"] + 2 + 48 / 128)
     out2 = tmp_path / "uni"
     assert main(["export", str(tiny_model_dir), "-o", str(out2), "--bits", "2.5",
                  "--bits-layout", "uniform", *args]) == 0

@@ -44,7 +44,7 @@ def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model_dir):
                  "--group", "8", "--text", str(text), "--max-tokens", "300", "--sequences", "2",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64 hadamard", "2-bit W64 hadamard"]
+    assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64 hadamard meta u8", "2-bit W64 hadamard meta u8"]
     assert rows[0]["delta_pct"] == 0.0 and rows[2]["fp16_ratio"] < rows[1]["fp16_ratio"] < 1.0
     assert all(r["ppl"] > 1.0 for r in rows)
     # KL from the fp16 cache: none for the fp16 row, more damage at 2 bits than at 4.
@@ -56,7 +56,7 @@ def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
     out = tmp_path / "r.json"
     assert main(["eval", str(tiny_model_dir), "--bits", "2.5", "--window", "64", "--block", "8",
-                 "--group", "8", "--text", str(text), "--max-tokens", "200",
+                 "--group", "8", "--meta", "fp16", "--text", str(text), "--max-tokens", "200",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][1]
     assert row["setting"] == "calibrated 2.5-bit W64 hadamard" and len(row["bits_k"]) == 2

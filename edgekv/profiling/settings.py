@@ -20,7 +20,8 @@ def bundle_label(manifest: dict) -> str:
     else:
         bits = f"mixed {p.get('average_bits', 0):.2f}-bit"
     rot = f" {p['rotation']}" if p.get("rotation", "none") != "none" and bits != "fp16" else ""
-    return f"edgekv {bits} W{p['window']}{rot}"
+    meta = f" meta {p['meta']}" if p.get("meta", "fp16") != "fp16" and bits != "fp16" else ""
+    return f"edgekv {bits} W{p['window']}{rot}{meta}"
 
 
 def bundle_setting(path: str, device: str, budget: int | None) -> Setting:
