@@ -60,8 +60,7 @@ def encode_u8(mn: torch.Tensor, mx: torch.Tensor, bits: int, axes: tuple[int, ..
     top = _f16(need.amax(axes, keepdim=True) * (1 + 2**-10))
     table = torch.from_numpy(meta_u8.SCALE_TABLE)
     sc = ((top.unsqueeze(-1) * table) >= need.unsqueeze(-1)).sum(-1).sub(1).clamp(0, 255)
-    meta = torch.stack([a.squeeze(axes) if len(axes) == 1 else a.flatten(-len(axes))[..., 0]
-                        for a in (lo, dz, top)], -1)
+    meta = torch.stack([a.flatten(-len(axes))[..., 0] for a in (lo, dz, top)], -1)  # axes are trailing
     return sc.to(torch.uint8), zc.to(torch.uint8), meta.to(torch.float16)
 
 
