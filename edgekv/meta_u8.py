@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 META_FORMATS = ("fp16", "u8")
+# Bundles store codes, not these constants: changing SCALE_STEPS or the encoding is a new
+# format and needs a new name in META_FORMATS, or "u8" bundles would decode wrongly.
 SCALE_STEPS = 32  # scale codes per octave: 2.2 % steps over a 2**8 range per block
 SCALE_TABLE = np.exp2(-np.arange(256, dtype=np.float64) / SCALE_STEPS).astype(np.float32)
 META_FIELDS = 3  # lo, dz, top (fp16) per block and KV head

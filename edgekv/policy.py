@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgekv.errors import PolicyError
+from edgekv.meta_u8 import META_FIELDS, META_FORMATS
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 PositionMode = Literal["cache", "original"]
 ROTATIONS = ("none", "hadamard")
-METAS = ("fp16", "u8")  # scale/zero storage (edgekv.meta_u8)
-META_FIELDS = 3  # fp16 numbers per block and KV head with "u8" metadata
+METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)
 
 
 def quantized_parts(meta: str) -> tuple[str, ...]:
