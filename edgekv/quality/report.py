@@ -56,8 +56,11 @@ def eval_table(rows: list[dict], model: str, source: str) -> None:
                   _fmt(r["passkey_pct"], ".0f") + ("%" if r["passkey_pct"] is not None else ""),
                   f"{r['kv_bytes_per_token']:.0f}", f"{r['fp16_ratio']:.3f}",
                   f"{r['kv_bytes'] / 2**20:.2f}", f"{r['seconds']:.0f}")
-    Console().print(t)
-    Console().print("Δppl: vs the fp16 cache with the same window. KL: mean KL divergence of the "
+    console = Console()
+    if not console.is_terminal:  # piped or logged: wide enough that rows do not wrap
+        console = Console(width=140)
+    console.print(t)
+    console.print("Δppl: vs the fp16 cache with the same window. KL: mean KL divergence of the "
                     "next-token distributions from that fp16 cache's, nats/token (steadier than "
                     "Δppl for close settings). B/token: bytes one more "
                     "window token costs, all layers, scales included. KV MiB: whole cache at "
