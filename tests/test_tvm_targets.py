@@ -47,8 +47,9 @@ def test_aarch64_cross_compile(tmp_path, device):
 def test_cuda_kernels_compile_with_nvcc(arch):
     target = cuda_target(arch)
     attn = build_attention(AttnParams(4, 2, 32, 4, 2, 16, 16, 3, 2, 1), target)
+    attn_u8 = build_attention(AttnParams(4, 2, 32, 4, 2, 16, 16, 3, 2, 1, rotate=True, meta="u8"), target)
     pack = build_pack(PackParams(2, 32, 16, 16, 3), "k", target)
-    for lib in (attn, pack):
+    for lib in (attn, attn_u8, pack):
         src = cuda_source(lib)
         assert "__global__" in src
         assert nvcc_fatbin(src, target)[:4] == b"\x50\xed\x55\xba"
