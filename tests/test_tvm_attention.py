@@ -79,6 +79,23 @@ def test_rotated_cache_matches_reference(bits_k, bits_v):
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
 
 
+@pytest.mark.parametrize("bits_k,bits_v,meta", [(3, 3, "fp16"), (2, 4, "u8")])
+def test_dense_rotation_matches_reference(bits_k, bits_v, meta):
+    """The GPU form of the un-rotation (one D-wide reduction with the Sylvester sign from the
+    indices instead of butterfly stages), compiled here as plain host loops."""
+    from edgekv.tvm_kernels.attention import attention_func
+    from edgekv.tvm_kernels.build import compile_module
+
+    pol = CachePolicy.uniform(1, bits_k=bits_k, bits_v=bits_v, sinks=S, window=W, block=B, group=16,
+                              rotation="hadamard", meta=meta)
+    for fill, chunk in ((S + 2 * B + 3, 1), (S + 9 * B, 8)):
+        params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=chunk, seed=fill)
+        lib = compile_module(tvm.IRModule({"main": attention_func(params, dense_rotation=True)}), host_target())
+        out = tvm.runtime.empty(ref.shape, "float32")
+        lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+        np.testing.assert_allclose(out.numpy(), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
+
+
 @pytest.mark.parametrize("bits_k,bits_v,rotation", [(3, 3, "none"), (2, 4, "hadamard"), (16, 3, "none"), (4, 16, "hadamard")])
 def test_u8_metadata_matches_reference(bits_k, bits_v, rotation):
     """policy.meta = u8: scale/zero decoded in the tile from 8-bit codes and the block's

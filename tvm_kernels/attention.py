@@ -94,7 +94,25 @@ def _unrotate(x, shape, idx, set_idx, d: int, name: str):
     return x
 
 
-def attention_te(p: AttnParams) -> list[te.Tensor]:
+def _unrotate_dense(x, shape, idx, set_idx, d: int, name: str):
+    """The same product as `_unrotate`, as one reduction over the D channels with the
+    Sylvester sign (-1)^popcount(c & j) computed from the indices. GPU targets take this
+    form: dlight inlines every spatial stage, and inlining the log2(D) butterfly stages
+    (each reads the previous one twice) blows up into an expression TVM never finishes
+    simplifying; a reduction is not inlined."""
+    j = te.reduce_axis((0, d), name=f"{name}_j")
+    bits = d.bit_length() - 1
+
+    def f(*v):
+        both = tirx.bitwise_and(idx(*v), j)
+        parity = sum(tirx.bitwise_and(tirx.shift_right(both, k), 1) for k in range(bits))
+        sign = (1 - 2 * tirx.floormod(parity, 2)).astype(F32)
+        return te.sum(x[set_idx(v, j)] * sign * tirx.const(1.0 / math.sqrt(d), F32), axis=j)
+    return te.compute(shape, f, name=name)
+
+
+def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]:
+    """dense_rotation: un-rotate by a D-wide reduction instead of butterfly stages (GPUs)."""
     hq, h, d, s, n, b, g, c = p.num_heads, p.num_kv_heads, p.head_dim, p.sinks, p.slots, p.block, p.group, p.chunk
     r, d2, u, w = p.rep, p.head_dim // 2, p.block // 8, p.head_dim // 8
     bk, bv = p.bits_k, p.bits_v
@@ -106,6 +124,7 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
     sink_v = te.placeholder((1, h, s, d), F16, name="sink_v")
     res_k = te.placeholder((1, h, b, d), F16, name="residual_k")
     res_v = te.placeholder((1, h, b, d), F16, name="residual_v")
+    unrotate = _unrotate_dense if dense_rotation else _unrotate
     u8 = p.meta == "u8"
     md = U8 if u8 else F16
     if bk == 16:
@@ -161,7 +180,7 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
     if p.rotate and bk != 16:
         # the key tile's channel is hf * D/2 + e: un-rotate it before RoPE (which does not
         # commute with H), in L1 with the tile (schedule_cpu computes the stages per block)
-        kd = _unrotate(kd, (h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: hf * d2 + e,
+        kd = unrotate(kd, (h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: hf * d2 + e,
                        lambda v, c: (v[0], v[1], tirx.floordiv(c, d2), tirx.floormod(c, d2), v[4], v[5]), d, "kunrot")
 
     # RoPE at p0 + t is a rotation R(p0) R(t): keys get only the in-block R(t) (a constant
@@ -271,7 +290,7 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
 
     if p.rotate and bv != 16:
         # ring values are V H: their weighted sum is (P V) H, un-rotated once per query head
-        ring_out = _unrotate(te.compute((h, r, c, d), lambda i, j, k, e: orr[i, j, k, e // 8, e % 8], name="pv_ring_rot"),
+        ring_out = unrotate(te.compute((h, r, c, d), lambda i, j, k, e: orr[i, j, k, e // 8, e % 8], name="pv_ring_rot"),
                              (h, r, c, d), lambda i, j, k, e: e, lambda v, ch: (v[0], v[1], v[2], ch), d, "vunrot")
 
     def _out(z, qh, k, e):
@@ -287,6 +306,6 @@ def attention_te(p: AttnParams) -> list[te.Tensor]:
             sink_cos, sink_sin, blk_cos, blk_sin, off_cos, off_sin, counts, out]
 
 
-def attention_func(p: AttnParams):
+def attention_func(p: AttnParams, dense_rotation: bool = False):
     """The PrimFunc; argument order is `attention_te`'s (inputs..., o)."""
-    return te.create_prim_func(attention_te(p)).with_attr("global_symbol", f"attn_{p.key}")
+    return te.create_prim_func(attention_te(p, dense_rotation)).with_attr("global_symbol", f"attn_{p.key}")

@@ -49,7 +49,7 @@ def schedule(func, target: tvm.target.Target, cpu_rule: Callable | None = None,
 
 def scheduled_attention(p: AttnParams, target: tvm.target.Target, device: str | None = None):
     """The scheduled PrimFunc (keeps its global_symbol, for libraries of many kernels)."""
-    return schedule(attention_func(p), target, lambda sch: schedule_cpu.attention(sch, p, target), device)["main"]
+    return schedule(attention_func(p, is_gpu(target)), target, lambda sch: schedule_cpu.attention(sch, p, target), device)["main"]
 
 
 def scheduled_pack(p: PackParams, side: str, target: tvm.target.Target):
@@ -98,5 +98,5 @@ def build_attention(p: AttnParams, target: tvm.target.Target, tuned: bool = True
                     device: str | None = None) -> tvm.runtime.Module:
     """tuned=False: plain loops (a baseline); device: also look up its tuning records."""
     rule = (lambda sch: schedule_cpu.attention(sch, p, target)) if tuned else None
-    return _compile(f"attn_{p.key}_{'t' if tuned else 'p'}_{device}", attention_func(p), target, rule,
+    return _compile(f"attn_{p.key}_{'t' if tuned else 'p'}_{device}", attention_func(p, is_gpu(target)), target, rule,
                     device if tuned else None)
