@@ -21,8 +21,9 @@ FILLS = [2, S + 5, S + B - 1, S + 2 * B + 3, S + 9 * B + 7]
 TOL = 2e-5  # fp32 accumulation and angle addition vs float64; outputs are O(1)
 
 
-def _run(params, args):
-    lib = build_attention(params, host_target())
+def _run(params, args, lib=None):
+    """The kernel's output for `args`; lib defaults to the host build of `params`."""
+    lib = lib or build_attention(params, host_target())
     out = tvm.runtime.empty((1, params.num_heads, params.chunk, params.head_dim), "float32")
     lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
     return out.numpy()
@@ -61,9 +62,7 @@ def test_tuning_records_apply_and_match_reference():
     params, args, ref = kernel_case(pol, KVShape(1, 3, 64), 9, 4 + 40 * 32 + 5, seed=3)  # wrapped ring
     assert tuned_schedule(attention_func(params), host_target(), "cpu-x86_64") is not None
     lib = build_attention(params, host_target(), device="cpu-x86_64")
-    out = tvm.runtime.empty(ref.shape, "float32")
-    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
-    np.testing.assert_allclose(out.numpy(), ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(_run(params, args, lib), ref, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("bits_k,bits_v", [(3, 3), (2, 4), (16, 3), (4, 16)])
@@ -91,9 +90,7 @@ def test_dense_rotation_matches_reference(bits_k, bits_v, meta):
     for fill, chunk in ((S + 2 * B + 3, 1), (S + 9 * B, 8)):
         params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=chunk, seed=fill)
         lib = compile_module(tvm.IRModule({"main": attention_func(params, dense_rotation=True)}), host_target())
-        out = tvm.runtime.empty(ref.shape, "float32")
-        lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
-        np.testing.assert_allclose(out.numpy(), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
+        np.testing.assert_allclose(_run(params, args, lib), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
 
 
 @pytest.mark.parametrize("bits_k,bits_v,rotation", [(3, 3, "none"), (2, 4, "hadamard"), (16, 3, "none"), (4, 16, "hadamard")])

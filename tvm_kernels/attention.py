@@ -181,7 +181,7 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         # the key tile's channel is hf * D/2 + e: un-rotate it before RoPE (which does not
         # commute with H), in L1 with the tile (schedule_cpu computes the stages per block)
         kd = unrotate(kd, (h, n, 2, d2, u, 8), lambda i, m, hf, e, t, l: hf * d2 + e,
-                       lambda v, c: (v[0], v[1], tirx.floordiv(c, d2), tirx.floormod(c, d2), v[4], v[5]), d, "kunrot")
+                      lambda v, c: (v[0], v[1], tirx.floordiv(c, d2), tirx.floormod(c, d2), v[4], v[5]), d, "kunrot")
 
     # RoPE at p0 + t is a rotation R(p0) R(t): keys get only the in-block R(t) (a constant
     # table), the query gets R(p0)^T once per block: 2 ops per key element instead of 6.
@@ -291,7 +291,7 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
     if p.rotate and bv != 16:
         # ring values are V H: their weighted sum is (P V) H, un-rotated once per query head
         ring_out = unrotate(te.compute((h, r, c, d), lambda i, j, k, e: orr[i, j, k, e // 8, e % 8], name="pv_ring_rot"),
-                             (h, r, c, d), lambda i, j, k, e: e, lambda v, ch: (v[0], v[1], v[2], ch), d, "vunrot")
+                            (h, r, c, d), lambda i, j, k, e: e, lambda v, ch: (v[0], v[1], v[2], ch), d, "vunrot")
 
     def _out(z, qh, k, e):
         i, j = qh // r, qh % r
