@@ -27,6 +27,7 @@ class Sensitivity:
     key: tuple[tuple[float, ...], ...]
     value: tuple[tuple[float, ...], ...]
     meta: dict = field(default_factory=dict)  # how it was measured (text, tokens, seconds)
+    clip: tuple[tuple[str, int, float], ...] = ()  # the range ratios measured at (policy.clip)
 
     @property
     def num_layers(self) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgekv import clipping
 from edgekv.allocation import WIDTHS, Sensitivity, allocate
 from edgekv.policy import CachePolicy
 from edgekv.reference import quant_torch as qt
@@ -160,9 +161,10 @@ def _quantizable(n_tokens: int, policy: CachePolicy) -> slice:
 
 
 def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: torch.Tensor,
-                      widths=WIDTHS) -> tuple[list[float], list[float]]:
-    """Predicted summed loss increase (nats over the capture's tokens) for keys and for
-    values of one layer at each width, the rest of the model unquantized."""
+                      widths=WIDTHS, clips=(1.0,)) -> tuple[dict, dict]:
+    """Predicted loss increase (nats per scored token) for keys and for values of one layer,
+    the rest of the model unquantized: {(width, clip ratio): loss} for each width and each
+    of `clips` (ratio 1 only at 8 bits, where clipping has nothing to win)."""
     q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
     rep = hq // k.shape[0]
@@ -191,22 +193,21 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     g2 = g2[queries].view(len(queries), hq, d).transpose(0, 1)  # [Hq, Q, D]
     # Queries are a sample: scale up to the whole text, then per scored token.
     norm = 0.5 * (n / len(queries)) / (n - 1)
-    k_loss, v_loss = [], []
-    for w in widths:
+    k_rot, v_rot = rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), rotate(v[:, sl])
+    k_loss, v_loss = {}, {}
+    for w, c in ((w, c) for w in widths for c in (clips if w < 8 else (1.0,))):
         if nblk == 0:
-            k_loss.append(0.0)
-            v_loss.append(0.0)
+            k_loss[w, c] = v_loss[w, c] = 0.0
             continue
         kq = k.clone()
-        kq[:, sl] = unrotate(qt.fake_quantize_keys(rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), w, policy.meta)
-                             .reshape(-1, nblk * policy.block, d))
+        kq[:, sl] = unrotate(qt.fake_quantize_keys(k_rot, w, policy.meta, c).reshape(-1, nblk * policy.block, d))
         s_q = torch.where(full, s_f, attend(kq))
         o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
-        k_loss.append(float(norm * (g2 * (o - o_f) ** 2).sum()))
+        k_loss[w, c] = float(norm * (g2 * (o - o_f) ** 2).sum())
         vq = v.clone()
-        vq[:, sl] = unrotate(qt.fake_quantize_values(rotate(v[:, sl]), w, policy.group, policy.meta, policy.block))
+        vq[:, sl] = unrotate(qt.fake_quantize_values(v_rot, w, policy.group, policy.meta, policy.block, c))
         dv = (p_f * ring) @ (vq - v).repeat_interleave(rep, 0)
-        v_loss.append(float(norm * (g2 * dv ** 2).sum()))
+        v_loss[w, c] = float(norm * (g2 * dv ** 2).sum())
     return k_loss, v_loss
 
 
@@ -220,9 +221,12 @@ def calibration_ids(tokenizer, tokens: int = DEFAULT_TOKENS) -> list[int]:
 
 
 def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
-            queries: int = DEFAULT_QUERIES, widths=WIDTHS, fisher: str = DEFAULT_FISHER) -> Sensitivity:
+            queries: int = DEFAULT_QUERIES, widths=WIDTHS, fisher: str = DEFAULT_FISHER,
+            clips=clipping.CANDIDATES) -> Sensitivity:
     """Sensitivity of every layer's keys and values at every width, measured on the
-    calibration text with `policy`'s geometry (sinks, block, group, window)."""
+    calibration text with `policy`'s geometry (sinks, block, group, window). Per side and
+    width, the range ratio among `clips` with the least loss summed over layers is chosen
+    (edgekv.clipping; (1.0,): plain min/max) and the sensitivities are the ones at it."""
     t0 = time.perf_counter()
     ids = calibration_ids(tokenizer, tokens)
     n = len(ids)
@@ -231,19 +235,23 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
         # Queries: evenly spaced over the part of the text that attends to a ring.
         first = min(n - 1, policy.sinks + policy.block)
         qidx = torch.linspace(first, n - 1, min(queries, n - first)).round().long().unique()
-        keys, values = [], []
-        for i in range(len(cap.q)):
-            kl, vl = layer_sensitivity(cap, i, policy, qidx, widths)
-            keys.append(tuple(kl))
-            values.append(tuple(vl))
+        per_layer = [layer_sensitivity(cap, i, policy, qidx, widths, clips) for i in range(len(cap.q))]
+    chosen, rows = [], {}
+    for j, side in enumerate(clipping.SIDES):
+        losses = [layer[j] for layer in per_layer]
+        best = {w: min((c for c in clips if (w, c) in losses[0]), key=lambda c: sum(r[w, c] for r in losses))
+                for w in widths}
+        chosen += [(side, w, c) for w, c in best.items() if c != 1.0]
+        rows[side] = tuple(tuple(r[w, best[w]] for w in widths) for r in losses)
+    keys, values = rows["k"], rows["v"]
     from edgekv.quality.text import DEFAULT_TEXT_SOURCE
 
     meta = {"method": f"diagonal-Fisher ({fisher}) estimate of the loss increase from each layer's "
                       "attention output, one side of one layer quantized at a time",
             "fisher": fisher, "text": DEFAULT_TEXT_SOURCE + ", calibration part (last 25 %)",
             "tokens": n, "queries": int(len(qidx)), "base_nll": cap.nll,
-            "seconds": round(time.perf_counter() - t0, 2)}
-    return Sensitivity(tuple(widths), tuple(keys), tuple(values), meta)
+            "clip_candidates": list(clips), "seconds": round(time.perf_counter() - t0, 2)}
+    return Sensitivity(tuple(widths), keys, values, meta, clip=tuple(chosen))
 
 
 def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
@@ -255,6 +263,7 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
     from edgekv.layout_selection import SELECTION_TOKENS, select as select_layout
 
     sens = sens or measure(model, tokenizer, base)
+    base = base.with_(clip=sens.clip)  # every candidate layout quantizes as it was measured
     alloc = allocate(sens, target)
     policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
     selection = None
@@ -271,6 +280,7 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
         uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)
     return policy, {
         "layout": "calibrated", "target_bits": target, "average_bits": policy.average_bits(),
+        "clip": [list(c) for c in policy.clip],
         "bits_per_element_with_metadata": policy.bits_per_element(shape),
         "widths": list(sens.widths),
         "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "

@@ -56,7 +56,8 @@ class CachePolicy:
     Hadamard matrix along head_dim before quantizing and un-rotated when read; sinks, the
     residual and 16-bit layers are never rotated), and the scale/zero storage ("fp16" per
     group, or "u8": 8-bit codes per group plus three fp16 numbers per block and head,
-    edgekv.meta_u8)."""
+    edgekv.meta_u8), and `clip`: (side "k"/"v", width, ratio) entries that narrow each
+    group's quantization range to `ratio` of its span (edgekv.clipping; absent: 1)."""
 
     bits_k: tuple[int, ...]
     bits_v: tuple[int, ...]
@@ -67,10 +68,14 @@ class CachePolicy:
     positions: PositionMode = "cache"
     rotation: str = "none"
     meta: str = "fp16"
+    clip: tuple[tuple[str, int, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
         object.__setattr__(self, "bits_v", tuple(int(b) for b in self.bits_v))
+        # Sorted, and ratio-1 entries dropped: equal policies compare and hash equal.
+        object.__setattr__(self, "clip", tuple(sorted((str(s), int(b), float(r)) for s, b, r in self.clip
+                                                      if float(r) != 1.0)))
         self._validate()
 
     @classmethod
@@ -116,6 +121,18 @@ class CachePolicy:
             raise PolicyError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if self.meta not in METAS:
             raise PolicyError(f"meta must be one of {METAS}, got {self.meta!r}")
+        seen = set()
+        for side, bits, ratio in self.clip:
+            if side not in ("k", "v") or bits not in SUPPORTED_BITS or bits == 16 or not 0.5 <= ratio <= 1.0:
+                raise PolicyError(f"clip entries are (side 'k' or 'v', a width below 16, ratio in "
+                                  f"[0.5, 1]), got {(side, bits, ratio)}")
+            if (side, bits) in seen:
+                raise PolicyError(f"clip has two ratios for {side} at {bits} bits")
+            seen.add((side, bits))
+
+    def clip_ratio(self, side: str, bits: int) -> float:
+        """The range ratio `side` ("k"/"v") quantizes with at `bits` (1: plain min/max)."""
+        return next((r for s, b, r in self.clip if (s, b) == (side, bits)), 1.0)
 
     def check_shape(self, shape: KVShape) -> None:
         """Errors for a policy that does not fit a model's cache shape."""
@@ -212,4 +229,5 @@ class CachePolicy:
         w = "inf" if self.window is None else str(self.window)
         rot = "" if self.rotation == "none" else f" rot={self.rotation}"
         meta = "" if self.meta == "fp16" else f" meta={self.meta}"
-        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}{meta}"
+        clip = "" if not self.clip else " clip=" + ",".join(f"{s}{b}:{r:g}" for s, b, r in self.clip)
+        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}{meta}{clip}"

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edgekv import meta_u8
+from edgekv.clipping import clipped_range
 from edgekv.packing import pack, unpack
 
 FP16_REL_EPS = 2.0**-11  # relative rounding error of float16
@@ -30,8 +31,10 @@ class Quantized(NamedTuple):
     meta: np.ndarray | None = None  # float16 [..., 3] per block with 8-bit metadata (edgekv.meta_u8)
 
 
-def _groups(mn: np.ndarray, mx: np.ndarray, bits: int, meta: str, axes: tuple[int, ...]):
-    """(stored scale, stored zero, block meta or None, scale and zero as float32)."""
+def _groups(mn: np.ndarray, mx: np.ndarray, bits: int, meta: str, axes: tuple[int, ...], clip: float = 1.0):
+    """(stored scale, stored zero, block meta or None, scale and zero as float32) for groups
+    ranging over [mn, mx], narrowed to `clip` of their span (edgekv.clipping)."""
+    mn, mx = clipped_range(mn, mx, clip)
     if meta == "u8":
         sc, zc, m = meta_u8.encode(mn, mx, bits, axes)
         return (sc, zc, m, *meta_u8.decode(sc, zc, m, axes))
@@ -63,11 +66,11 @@ def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.
     return np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
 
 
-def quantize_keys(block: np.ndarray, bits: int, meta: str = "fp16") -> Quantized:
+def quantize_keys(block: np.ndarray, bits: int, meta: str = "fp16", clip: float = 1.0) -> Quantized:
     """Keys block [..., B, D] fp -> codes [..., D, B*bits/8], scale/zero [..., D] (and with
-    meta "u8", the block's meta [..., 3])."""
+    meta "u8", the block's meta [..., 3]); `clip`: policy.clip_ratio("k", bits)."""
     x = np.asarray(block, dtype=np.float32)
-    scale, zero, m, s32, z32 = _groups(x.min(axis=-2), x.max(axis=-2), bits, meta, (-1,))
+    scale, zero, m, s32, z32 = _groups(x.min(axis=-2), x.max(axis=-2), bits, meta, (-1,), clip)
     codes = _codes(x, s32[..., None, :], z32[..., None, :], bits)
     return Quantized(pack(np.swapaxes(codes, -1, -2), bits), scale, zero, m)
 
@@ -79,15 +82,15 @@ def dequantize_keys(q: Quantized, bits: int, block: int) -> np.ndarray:
     return np.swapaxes(codes * scale[..., None] + zero[..., None], -1, -2)
 
 
-def quantize_values(x: np.ndarray, bits: int, group: int, meta: str = "fp16") -> Quantized:
+def quantize_values(x: np.ndarray, bits: int, group: int, meta: str = "fp16", clip: float = 1.0) -> Quantized:
     """Values [..., T, D] -> codes [..., T, D*bits/8], scale/zero [..., T, D/G]. With meta
-    "u8" the T tokens are one block: its meta is [..., 3]."""
+    "u8" the T tokens are one block: its meta is [..., 3]. `clip`: policy.clip_ratio("v", bits)."""
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
     if d % group:
         raise ValueError(f"head_dim {d} is not a multiple of group {group}")
     g = x.reshape(*x.shape[:-1], d // group, group)
-    scale, zero, m, s32, z32 = _groups(g.min(axis=-1), g.max(axis=-1), bits, meta, (-2, -1))
+    scale, zero, m, s32, z32 = _groups(g.min(axis=-1), g.max(axis=-1), bits, meta, (-2, -1), clip)
     codes = _codes(g, s32[..., None], z32[..., None], bits).reshape(x.shape)
     return Quantized(pack(codes, bits), scale, zero, m)
 

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
+from edgekv.clipping import shrink
 from edgekv.policy import quantized_parts
 
 DOMAIN = "edgekv"
@@ -185,14 +186,17 @@ def _scale_table(e: Emitter) -> str:
 
 
 def _quantize(e: Emitter, x: str, axis: int, bits: int, meta: str = "fp16",
-              super_axes: tuple[int, ...] = ()) -> tuple[str, ...]:
+              super_axes: tuple[int, ...] = (), clip: float = 1.0) -> tuple[str, ...]:
     """fp32 x -> (codes uint8 like x, scale, zero reduced over `axis`): fp16, or with meta
     "u8" uint8 codes plus the block's meta [1,H,3] (its groups span `super_axes` of the
-    reduced shape)."""
+    reduced shape). `clip` < 1 narrows each group's range (edgekv.clipping, op for op)."""
     levels = float((1 << bits) - 1)
     ax = e.i64(axis)
     mn = e.op("ReduceMin", x, ax, keepdims=0)
     mx = e.op("ReduceMax", x, ax, keepdims=0)
+    if clip != 1.0:
+        t = e.op("Mul", e.op("Sub", mx, mn), e.f32(shrink(clip)))
+        mn, mx = e.op("Add", mn, t), e.op("Sub", mx, t)
     if meta == "u8":
         scale, zero, block_meta, s32, z32 = _encode_u8(e, mn, mx, bits, super_axes)
         stored = (scale, zero, block_meta)
@@ -218,8 +222,9 @@ def _hadamard(e: Emitter, head_dim: int) -> str:
     return e.const(hadamard(head_dim), np.float32)
 
 
-def _suffix(rotate: bool, meta: str = "fp16") -> str:
-    return ("_rot" if rotate else "") + ("_m8" if meta == "u8" else "")
+def _suffix(rotate: bool, meta: str = "fp16", clip: float = 1.0) -> str:
+    clipped = "" if clip == 1.0 else "_c" + f"{clip:g}".replace(".", "p")
+    return ("_rot" if rotate else "") + ("_m8" if meta == "u8" else "") + clipped
 
 
 def _outputs(e: Emitter, names: tuple[str, ...], values: tuple[str, ...]) -> None:
@@ -227,24 +232,26 @@ def _outputs(e: Emitter, names: tuple[str, ...], values: tuple[str, ...]) -> Non
         e.op("Identity", v, out=n)
 
 
-def quantize_keys_function(bits: int, rotate_dim: int = 0, meta: str = "fp16") -> FunctionProto:
-    """QuantizeKeys_b{bits}[_rot][_m8]: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8],
+def quantize_keys_function(bits: int, rotate_dim: int = 0, meta: str = "fp16", clip: float = 1.0) -> FunctionProto:
+    """QuantizeKeys_b{bits}[_rot][_m8][_c{clip}]: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8],
     scale/zero [1,H,D] (fp16, or uint8 codes and meta [1,H,3] with meta "u8").
-    rotate_dim = D: rotate x by the Hadamard matrix first (policy.rotation)."""
+    rotate_dim = D: rotate x by the Hadamard matrix first (policy.rotation); clip:
+    policy.clip_ratio("k", bits)."""
     e = Emitter()
     x = e.op("Cast", "x", to=F32)
     if rotate_dim:
         x = e.op("MatMul", x, _hadamard(e, rotate_dim))
-    codes, *stored = _quantize(e, x, 2, bits, meta, (-1,))
+    codes, *stored = _quantize(e, x, 2, bits, meta, (-1,), clip)
     codes = pack(e, e.op("Transpose", codes, perm=[0, 1, 3, 2]), bits, rank=4)
     parts = quantized_parts(meta)
     _outputs(e, parts, (codes, *stored))
-    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}{_suffix(bool(rotate_dim), meta)}", ["x"],
+    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}{_suffix(bool(rotate_dim), meta, clip)}", ["x"],
                                 list(parts), e.nodes, [helper.make_opsetid("", OPSET)])
 
 
-def quantize_values_function(bits: int, group: int, rotate_dim: int = 0, meta: str = "fp16") -> FunctionProto:
-    """QuantizeValues_b{bits}_g{group}[_rot][_m8]: x fp16 [1,H,T,D] -> codes
+def quantize_values_function(bits: int, group: int, rotate_dim: int = 0, meta: str = "fp16",
+                             clip: float = 1.0) -> FunctionProto:
+    """QuantizeValues_b{bits}_g{group}[_rot][_m8][_c{clip}]: x fp16 [1,H,T,D] -> codes
     [1,H,T,D*bits/8], scale/zero [1,H,T,D/G] (with meta "u8": uint8 codes, and the T tokens
     are one block whose meta is [1,H,3])."""
     e = Emitter()
@@ -252,11 +259,11 @@ def quantize_values_function(bits: int, group: int, rotate_dim: int = 0, meta: s
     if rotate_dim:
         x = e.op("MatMul", x, _hadamard(e, rotate_dim))
     x = e.op("Reshape", x, e.i64(0, 0, 0, -1, group))
-    codes, *stored = _quantize(e, x, 4, bits, meta, (2, 3))
+    codes, *stored = _quantize(e, x, 4, bits, meta, (2, 3), clip)
     codes = pack(e, e.op("Reshape", codes, e.i64(0, 0, 0, -1)), bits, rank=4)
     parts = quantized_parts(meta)
     _outputs(e, parts, (codes, *stored))
-    return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}{_suffix(bool(rotate_dim), meta)}",
+    return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}{_suffix(bool(rotate_dim), meta, clip)}",
                                 ["x"], list(parts), e.nodes, [helper.make_opsetid("", OPSET)])
 
 

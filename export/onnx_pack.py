@@ -37,10 +37,10 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     for side, widths in (("k", kbits), ("v", vbits)):
         for b in widths:
             if side == "k":
-                fn = quantize_keys_function(b, rotate_dim, policy.meta)
+                fn = quantize_keys_function(b, rotate_dim, policy.meta, policy.clip_ratio(side, b))
                 shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d], [1, h, META_FIELDS])
             else:
-                fn = quantize_values_function(b, g, rotate_dim, policy.meta)
+                fn = quantize_values_function(b, g, rotate_dim, policy.meta, policy.clip_ratio(side, b))
                 shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // g], [1, h, blk, d // g], [1, h, META_FIELDS])
             functions.append(fn)
             parts = quantized_parts(policy.meta)

@@ -101,10 +101,11 @@ def manifest_policy(manifest: dict) -> tuple[CachePolicy, KVShape]:
                              window=p["window"], block=p["block"], group=p["group"],
                              positions=p.get("positions", "cache"),
                              rotation=p.get("rotation", "none"),  # bundles before rotation: none
-                             meta=p.get("meta", "fp16"))  # bundles before 8-bit metadata: fp16
+                             meta=p.get("meta", "fp16"),  # bundles before 8-bit metadata: fp16
+                             clip=tuple(tuple(c) for c in p.get("clip", ())))  # before clipping: none
         shape = KVShape(int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
         policy.check_shape(shape)
-    except (KeyError, TypeError, PolicyError) as e:
+    except (KeyError, TypeError, ValueError, PolicyError) as e:
         raise BundleError(f"manifest policy/model section is invalid ({e}); re-export the bundle") from None
     if policy.window is None:
         raise BundleError("manifest has no window: a device bundle needs a finite --window")

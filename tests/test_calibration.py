@@ -70,7 +70,7 @@ def test_capture_records_projections_loss_and_gradient(tiny_model, captured):
     assert fd == pytest.approx(float((cap.grad[1] * u).sum()), rel=2e-2)
 
 
-def _plain_sensitivity(cap, layer, policy, queries, bits):
+def _plain_sensitivity(cap, layer, policy, queries, bits, clip=1.0):
     """One query at a time: build exactly the keys/values the cache would show it."""
     q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
@@ -78,8 +78,8 @@ def _plain_sensitivity(cap, layer, policy, queries, bits):
     sl = cal._quantizable(n, policy)
     kq, vq = k.clone(), v.clone()
     nb = (sl.stop - sl.start) // policy.block
-    kq[:, sl] = qt.fake_quantize_keys(k[:, sl].reshape(-1, nb, policy.block, d), bits).reshape(k[:, sl].shape)
-    vq[:, sl] = qt.fake_quantize_values(v[:, sl], bits, policy.group)
+    kq[:, sl] = qt.fake_quantize_keys(k[:, sl].reshape(-1, nb, policy.block, d), bits, clip=clip).reshape(k[:, sl].shape)
+    vq[:, sl] = qt.fake_quantize_values(v[:, sl], bits, policy.group, clip=clip)
     rope = lambda x, idx: cal._rope(x, cap.cos[idx], cap.sin[idx])  # noqa: E731
     total_k = total_v = 0.0
     for t in queries.tolist():
@@ -109,12 +109,33 @@ def _plain_sensitivity(cap, layer, policy, queries, bits):
 def test_layer_sensitivity_matches_a_per_query_reference(captured, layer):
     _, cap = captured
     queries = torch.arange(10, 64, 3)
-    k_loss, v_loss = cal.layer_sensitivity(cap, layer, POLICY, queries)
-    for j, bits in enumerate((2, 3, 4, 8)):
-        pk, pv = _plain_sensitivity(cap, layer, POLICY, queries, bits)
-        assert k_loss[j] == pytest.approx(pk, rel=1e-4, abs=1e-12)
-        assert v_loss[j] == pytest.approx(pv, rel=1e-4, abs=1e-12)
-    assert k_loss[0] > k_loss[1] > k_loss[2] > k_loss[3] > 0  # coarser codes lose more
+    k_loss, v_loss = cal.layer_sensitivity(cap, layer, POLICY, queries, clips=(1.0, 0.9))
+    assert set(k_loss) == set(v_loss) == {(b, c) for b in (2, 3, 4) for c in (1.0, 0.9)} | {(8, 1.0)}
+    for bits, clip in k_loss:
+        pk, pv = _plain_sensitivity(cap, layer, POLICY, queries, bits, clip)
+        assert k_loss[bits, clip] == pytest.approx(pk, rel=1e-4, abs=1e-12)
+        assert v_loss[bits, clip] == pytest.approx(pv, rel=1e-4, abs=1e-12)
+    plain = [k_loss[b, 1.0] for b in (2, 3, 4, 8)]
+    assert plain[0] > plain[1] > plain[2] > plain[3] > 0  # coarser codes lose more
+    assert k_loss[2, 0.9] != k_loss[2, 1.0]  # the ratio reaches the quantizer
+
+
+def test_measure_keeps_the_clip_ratio_with_the_least_summed_loss(tiny_model, tiny_model_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    policy = CachePolicy.uniform(2, 3, sinks=2, window=64, block=8, group=8)
+    plain = cal.measure(tiny_model, tokenizer, policy, tokens=96, queries=24, clips=(1.0,))
+    assert plain.clip == ()
+    both = cal.measure(tiny_model, tokenizer, policy, tokens=96, queries=24, clips=(1.0, 0.7))
+    for side, rows, plain_rows in (("k", both.key, plain.key), ("v", both.value, plain.value)):
+        for j, w in enumerate(both.widths):
+            ratio = next((r for s, b, r in both.clip if (s, b) == (side, w)), 1.0)
+            summed, summed_plain = sum(r[j] for r in rows), sum(r[j] for r in plain_rows)
+            if ratio == 1.0:  # the same measurement as without candidates
+                assert summed == pytest.approx(summed_plain, rel=1e-6)
+            else:  # chosen only where it lowers the summed prediction
+                assert ratio == 0.7 and w < 8 and summed < summed_plain
 
 
 def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):

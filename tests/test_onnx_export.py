@@ -29,11 +29,15 @@ def _policy(bits_k, bits_v, **kw):
     return CachePolicy(bits_k=bits_k, bits_v=bits_v, **{**GEOMETRY, **kw})
 
 
+CLIPS = (("k", 2, 0.8), ("k", 3, 0.95), ("v", 2, 0.85), ("v", 4, 0.9))  # edgekv.clipping
+
+
+@pytest.mark.parametrize("clip", [(), CLIPS], ids=["minmax", "clipped"])
 @pytest.mark.parametrize("meta", ["fp16", "u8"])
 @pytest.mark.parametrize("block,group,head_dim", [(8, 8, 16), (32, 32, 64)])
-def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta):
+def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta, clip):
     shape = KVShape(num_layers=4, num_kv_heads=2, head_dim=head_dim)
-    policy = _policy((2, 3, 4, 8), (8, 4, 3, 2), block=block, group=group, window=2 * block, meta=meta)
+    policy = _policy((2, 3, 4, 8), (8, 4, 3, 2), block=block, group=group, window=2 * block, meta=meta, clip=clip)
     sess = session(build_pack(policy, shape))
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(0)
@@ -44,7 +48,8 @@ def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta):
         v[0, 1, 2, :group] = -2.0  # a constant value group
         out = dict(zip(names, sess.run(None, {"k": k, "v": v})))
         for b in (2, 3, 4, 8):
-            for side, q in (("k", quant.quantize_keys(k, b, meta)), ("v", quant.quantize_values(v, b, group, meta))):
+            for side, q in (("k", quant.quantize_keys(k, b, meta, policy.clip_ratio("k", b))),
+                            ("v", quant.quantize_values(v, b, group, meta, policy.clip_ratio("v", b)))):
                 for part, expect in zip(("codes", "scale", "zero", "meta"), q):
                     if expect is None:
                         continue

@@ -71,3 +71,26 @@ def test_u8_metadata_bytes_by_hand():
     assert "meta=u8" in p.describe()
     with pytest.raises(PolicyError, match="meta must be one of"):
         CachePolicy.uniform(30, 3, meta="int4")
+
+
+def test_clip_entries_are_validated_normalized_and_looked_up():
+    p = CachePolicy.uniform(2, 3, clip=(("v", 3, 0.9), ("k", 2, 0.8), ("k", 4, 1.0)))
+    assert p.clip == (("k", 2, 0.8), ("v", 3, 0.9))  # sorted, ratio 1 dropped
+    assert p == CachePolicy.uniform(2, 3, clip=(("k", 2, 0.8), ("v", 3, 0.9)))
+    assert (p.clip_ratio("k", 2), p.clip_ratio("v", 3), p.clip_ratio("k", 3)) == (0.8, 0.9, 1.0)
+    assert "clip=k2:0.8,v3:0.9" in p.describe()
+    for bad in ((("q", 3, 0.9),), (("k", 16, 0.9),), (("k", 3, 0.2),), (("k", 3, 0.9), ("k", 3, 0.8))):
+        with pytest.raises(PolicyError, match="clip"):
+            CachePolicy.uniform(2, 3, clip=bad)
+
+
+def test_manifest_policy_reads_clip_and_older_bundles_without_it():
+    from edgekv.runtime.bundle import BundleError, manifest_policy
+
+    model = {"num_layers": 2, "num_kv_heads": 1, "head_dim": 16}
+    policy = {"bits_k": [3, 3], "bits_v": [3, 3], "sinks": 4, "window": 32, "block": 8, "group": 8}
+    assert manifest_policy({"policy": policy, "model": model})[0].clip == ()
+    got, _ = manifest_policy({"policy": {**policy, "clip": [["k", 3, 0.95]]}, "model": model})
+    assert got.clip_ratio("k", 3) == 0.95
+    with pytest.raises(BundleError, match="policy"):
+        manifest_policy({"policy": {**policy, "clip": [["k", 3]]}, "model": model})

@@ -51,9 +51,18 @@ def engine(bundle3):
 def test_greedy_identical_to_reference(tiny_model, tiny_model_dir, tmp_path, bits_k, bits_v, positions, rotation):
     """150-token prompt + 100 tokens through a 64-token window: eviction on every path
     (full prefill chunks, padded prefill before boundaries, decode); rotated blocks too."""
-    policy = _policy(bits_k, bits_v, positions, rotation)
+    _check_greedy(tiny_model, tiny_model_dir, tmp_path, _policy(bits_k, bits_v, positions, rotation))
+
+
+def test_clipped_bundle_greedy_identical_to_reference(tiny_model, tiny_model_dir, tmp_path):
+    """Calibrated clip ratios (edgekv.clipping) reach pack.onnx through the bundle."""
+    clip = (("k", 2, 0.9), ("k", 3, 0.95), ("v", 3, 0.85), ("v", 4, 0.8))
+    _check_greedy(tiny_model, tiny_model_dir, tmp_path, _policy((3, 2), (3, 4), rotation="hadamard").with_(clip=clip))
+
+
+def _check_greedy(tiny_model, tiny_model_dir, tmp_path, policy):
     eng = Engine.load(make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy))
-    assert eng.bundle.policy.rotation == rotation  # through the manifest
+    assert eng.bundle.policy == policy  # through the manifest
     calls = []
     run = eng.backend.run
     eng.backend.run = lambda ids, t: calls.append((len(ids), t)) or run(ids, t)

@@ -32,9 +32,10 @@ class KernelSet:
 
 def kernel_names(policy: CachePolicy) -> KernelSet:
     pairs = sorted(set(zip(policy.bits_k, policy.bits_v)))
-    # The pack kernels neither rotate nor write 8-bit metadata yet: such a bundle packs with
-    # pack.onnx (as every backend does today), and its library holds attention kernels only.
-    packs = [] if policy.rotation != "none" or policy.meta != "fp16" else sorted({("k", b) for b in policy.bits_k if b < 16} | {("v", b) for b in policy.bits_v if b < 16})
+    # The pack kernels neither rotate, clip nor write 8-bit metadata yet: such a bundle packs
+    # with pack.onnx (as every backend does today), and its library holds attention kernels only.
+    plain = policy.rotation == "none" and policy.meta == "fp16" and not policy.clip
+    packs = [] if not plain else sorted({("k", b) for b in policy.bits_k if b < 16} | {("v", b) for b in policy.bits_v if b < 16})
     return KernelSet({pr: f"decode_k{pr[0]}_v{pr[1]}" for pr in pairs},
                      {pr: f"prefill_k{pr[0]}_v{pr[1]}" for pr in pairs},
                      {pk: f"pack_{pk[0]}_b{pk[1]}" for pk in packs})

@@ -70,6 +70,7 @@ class EvalRow:
     bits_per_element: float = 16.0  # ring bits per element, scale/zero included
     predicted_delta_pct: float | None = None  # calibration's prediction (when calibrated)
     kl: float | None = None  # mean KL(fp16 cache || this cache), nats/token (quantized rows)
+    clip: list = field(default_factory=list)  # (side, width, ratio) range clipping (policy.clip)
 
 
 def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_tokens: int,
@@ -120,11 +121,14 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             fp16_ratio=policy.fp16_ratio(shape, context),
             kv_bytes=policy.total_bytes(shape, context), seconds=secs,
             passkey_trials=[asdict(t) for t in trials], average_bits=policy.average_bits(),
-            bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted, kl=kl))
+            bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted, kl=kl,
+            clip=[list(c) for c in policy.clip]))
         done.append((s, policy))
-    # The calibration's prediction for uniform rows too, to check it against the truth.
+    # The calibration's prediction for uniform rows too, to check it against the truth (only
+    # where they quantize with the ratios it was measured at).
     for (s, policy), row in zip(done, rows):
-        if row.predicted_delta_pct is None and s.geometry() in sens and policy.average_bits() < 16:
+        g = s.geometry()
+        if row.predicted_delta_pct is None and g in sens and policy.average_bits() < 16 and policy.clip == sens[g].clip:
             row.predicted_delta_pct = 100.0 * math.expm1(
                 sens[s.geometry()].predicted_loss(policy.bits_k, policy.bits_v))
     _fill_deltas(rows)

@@ -173,14 +173,14 @@ class CompressedKVCache:
         if bk == 16:
             c["ring_k"][:, :, slot] = rk
         else:
-            q = qt.quantize_keys(rk, bk, p.meta)
+            q = qt.quantize_keys(rk, bk, p.meta, p.clip_ratio("k", bk))
             for part, x in zip(("codes", "scale", "zero", "meta"), q):
                 c[f"ring_k_{part}"][:, :, slot] = x
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
             c["ring_v"][:, :, toks] = rv
         else:
-            q = qt.quantize_values(rv, bv, p.group, p.meta)  # one block: its meta is per block
+            q = qt.quantize_values(rv, bv, p.group, p.meta, p.clip_ratio("v", bv))  # one block: its meta is per block
             for part, x in zip(("codes", "scale", "zero"), q):
                 c[f"ring_v_{part}"][:, :, toks] = x
             if p.meta == "u8":

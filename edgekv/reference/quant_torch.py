@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from edgekv import meta_u8
+from edgekv.clipping import clipped_range
 from edgekv.packing import packed_len
 
 
@@ -72,8 +73,9 @@ def decode_u8(scale_code: torch.Tensor, zero_code: torch.Tensor, meta: torch.Ten
     return top * table[scale_code.long()], lo + zero_code.float() * dz
 
 
-def _groups(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta: str, axes: tuple[int, ...]):
+def _groups(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta: str, axes: tuple[int, ...], clip: float = 1.0):
     """(stored scale, stored zero, block meta or None, scale and zero as float32)."""
+    mn, mx = clipped_range(mn, mx, clip)
     if meta == "u8":
         sc, zc, m = encode_u8(mn, mx, bits, axes)
         return (sc, zc, m, *decode_u8(sc, zc, m, axes))
@@ -85,11 +87,11 @@ def _stored(scale: torch.Tensor, zero: torch.Tensor, meta: torch.Tensor | None, 
     return (scale.float(), zero.float()) if meta is None else decode_u8(scale, zero, meta, axes)
 
 
-def quantize_keys(block: torch.Tensor, bits: int, meta: str = "fp16"):
+def quantize_keys(block: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0):
     """[..., B, D] -> (codes [..., D, B*bits/8], scale [..., D], zero [..., D]), plus the
     block's meta [..., 3] when meta is "u8"."""
     x = block.float()
-    scale, zero, m, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,))
+    scale, zero, m, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,), clip)
     codes = pack(_codes(x, s.unsqueeze(-2), z.unsqueeze(-2), bits).transpose(-1, -2), bits)
     return (codes, scale, zero) if m is None else (codes, scale, zero, m)
 
@@ -101,13 +103,13 @@ def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (c * s.unsqueeze(-1) + z.unsqueeze(-1)).transpose(-1, -2)
 
 
-def quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16"):
+def quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16", clip: float = 1.0):
     """[..., T, D] -> (codes [..., T, D*bits/8], scale [..., T, D/G], zero [..., T, D/G]),
     plus the block's meta [..., 3] (the T tokens are one block) when meta is "u8"."""
     x = x.float()
     d = x.shape[-1]
     g = x.reshape(*x.shape[:-1], d // group, group)
-    scale, zero, m, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1))
+    scale, zero, m, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1), clip)
     codes = pack(_codes(g, s.unsqueeze(-1), z.unsqueeze(-1), bits).reshape(x.shape), bits)
     return (codes, scale, zero) if m is None else (codes, scale, zero, m)
 
@@ -120,17 +122,17 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return (g * s.unsqueeze(-1) + z.unsqueeze(-1)).reshape(c.shape)
 
 
-def fake_quantize_keys(x: torch.Tensor, bits: int, meta: str = "fp16") -> torch.Tensor:
+def fake_quantize_keys(x: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0) -> torch.Tensor:
     """dequantize(quantize(x)) for key blocks [..., B, D], without packing (packing is
     lossless): what attention reads back for these keys. Calibration uses it."""
     x = x.float()
-    *_, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,))
+    *_, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,), clip)
     s, z = s.unsqueeze(-2), z.unsqueeze(-2)
     return _codes(x, s, z, bits).float() * s + z
 
 
 def fake_quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16",
-                         block: int | None = None) -> torch.Tensor:
+                         block: int | None = None, clip: float = 1.0) -> torch.Tensor:
     """dequantize(quantize(x)) for values [..., T, D] in groups of `group`, without packing.
     With meta "u8", `block` tokens share a block's metadata (T a multiple of it)."""
     x = x.float()
@@ -138,5 +140,5 @@ def fake_quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp
     if meta == "u8":
         x = x.reshape(*shape[:-2], shape[-2] // block, block, d)
     g = x.reshape(*x.shape[:-1], d // group, group)
-    *_, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1))
+    *_, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1), clip)
     return (_codes(g, s.unsqueeze(-1), z.unsqueeze(-1), bits).float() * s.unsqueeze(-1) + z.unsqueeze(-1)).reshape(shape)

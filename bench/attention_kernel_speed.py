@@ -12,7 +12,7 @@ context:
 GB/s = bytes of cache the row reads per call / time (compressed bytes for the first three
 rows, fp32 K and V for the last). Times are the minimum of --reps calls after a warm-up.
 
-usage: .venv/bin/python bench/kernels.py [--bits 3] [--contexts 1024 4096 16384 65536]
+usage: .venv/bin/python bench/attention_kernel_speed.py [--bits 3] [--contexts 1024 4096 16384 65536]
        [--threads 2] [--reps 7] [--out bench/results/kernels-cpu.json]
 """
 
