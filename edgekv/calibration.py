@@ -255,14 +255,16 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
 
 
 def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
-                      sens: Sensitivity | None = None, select: bool = True) -> tuple[CachePolicy, dict]:
+                      sens: Sensitivity | None = None, select: bool = True,
+                      clips=clipping.CANDIDATES) -> tuple[CachePolicy, dict]:
     """(`base` with calibrated per-layer bits for an average of `target`, the manifest's
     'allocation' section: how the bits were chosen). `sens`: an earlier `measure` of the
-    same geometry. `select`: choose among the allocation, a shrunk allocation and uniform
-    by KL on further calibration tokens (edgekv.layout_selection); else the allocation."""
+    same geometry (else measured here with `clips`). `select`: choose among the allocation,
+    a shrunk allocation and uniform by KL on further calibration tokens
+    (edgekv.layout_selection); else the allocation."""
     from edgekv.layout_selection import SELECTION_TOKENS, select as select_layout
 
-    sens = sens or measure(model, tokenizer, base)
+    sens = sens or measure(model, tokenizer, base, clips=clips)
     base = base.with_(clip=sens.clip)  # every candidate layout quantizes as it was measured
     alloc = allocate(sens, target)
     policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)

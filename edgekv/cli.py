@@ -74,7 +74,8 @@ def _run_eval(args) -> int:
     from edgekv.quality.text import read_text
 
     text, source = read_text(args.text)
-    geometry = (args.window, args.sinks, args.block, args.group, args.positions, args.rotation, args.meta)
+    geometry = (args.window, args.sinks, args.block, args.group, args.positions, args.rotation, args.meta,
+                args.clip == "calibrated")
     settings = [EvalSetting(16, 16, *geometry)]
     for b in dict.fromkeys(args.bits):
         if b == 16:
@@ -89,8 +90,7 @@ def _run_eval(args) -> int:
         settings.append(EvalSetting(args.bits_k or first[0], args.bits_v or first[1], *geometry))
     settings = list({s.label: s for s in settings}.values())
     if args.full_cache and args.window is not None:
-        settings.insert(0, EvalSetting(16, 16, None, args.sinks, args.block, args.group, args.positions,
-                                       args.rotation, args.meta))
+        settings.insert(0, EvalSetting(16, 16, None, *geometry[1:]))
     for s in settings:  # validate every policy before loading the model
         s.policy(1)
     if args.max_tokens < 2 * args.sequences:
@@ -110,6 +110,10 @@ def _add_layout_arg(p) -> None:
                    help="calibrated: --bits is the average code width and a calibration pass on "
                         "held-out text allocates 2/3/4/8 bits per layer and per K/V where attention "
                         "needs them; uniform: the same width everywhere")
+    p.add_argument("--clip", choices=["calibrated", "none"], default="calibrated",
+                   help="calibrated layouts only: quantize each side and width over the fraction of "
+                        "its groups' range that calibration predicts loses least (no extra bytes); "
+                        "none: plain min/max grids")
 
 
 def _check_target(b: float) -> None:
@@ -229,8 +233,10 @@ def _export_policy(args, num_layers: int, loaded=None):
     if loaded is None:
         return base, None
     from edgekv.calibration import calibrated_policy
+    from edgekv.clipping import CANDIDATES
 
-    return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits)
+    clips = CANDIDATES if args.clip == "calibrated" else (1.0,)
+    return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits, clips=clips)
 
 
 def _run_export(args) -> int:

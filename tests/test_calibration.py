@@ -159,7 +159,13 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
                  "--bits-layout", "uniform", *args]) == 0
     m2 = json.loads((out2 / "manifest.json").read_text())
     assert m2["policy"]["bits_k"] == [3, 3] and m2["policy"]["bits_v"] == [2, 2]
-    assert m2["allocation"]["layout"] == "given"
+    assert m2["allocation"]["layout"] == "given" and m2["policy"]["clip"] == []
+    # Range clipping: chosen by calibration, recorded in the policy and the allocation.
+    assert p["clip"] == a["clip"] and a["calibration"]["clip_candidates"][0] == 1.0
+    out3 = tmp_path / "minmax"
+    assert main(["export", str(tiny_model_dir), "-o", str(out3), "--bits", "2.5", "--clip", "none", *args]) == 0
+    m3 = json.loads((out3 / "manifest.json").read_text())
+    assert m3["policy"]["clip"] == [] and m3["allocation"]["calibration"]["clip_candidates"] == [1.0]
 
 
 

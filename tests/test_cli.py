@@ -63,3 +63,14 @@ def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
     assert row["average_bits"] == sum(row["bits_k"] + row["bits_v"]) / 4 <= 2.5
     assert row["bits_per_element"] == row["average_bits"] + 4  # fp16 scale + zero per 8
     assert row["predicted_delta_pct"] is not None
+
+
+def test_eval_clip_none_keeps_min_max_grids(tmp_path, tiny_model_dir):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_model_dir), "--bits", "2", "--window", "64", "--block", "8",
+                 "--group", "8", "--clip", "none", "--text", str(text), "--max-tokens", "200",
+                 "--passkey-lengths", "", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][1]
+    assert row["setting"].endswith(" min/max") and row["clip"] == []

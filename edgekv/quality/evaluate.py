@@ -23,6 +23,7 @@ class EvalSetting:
     positions: str = "cache"
     rotation: str = "none"
     meta: str = "fp16"
+    clip: bool = True  # calibrated settings: calibrate range clipping too (edgekv.clipping)
     calibrated: float | None = None  # average code width: per-layer bits from calibration
 
     @property
@@ -33,13 +34,13 @@ class EvalSetting:
         if self.meta != "fp16" and not self.bits_k == self.bits_v == 16:
             w += f" meta {self.meta}"
         if self.calibrated is not None:
-            return f"calibrated {self.calibrated:g}-bit {w}"
+            return f"calibrated {self.calibrated:g}-bit {w}" + ("" if self.clip else " min/max")
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
             f"{self.bits_k}-bit" if self.bits_k == self.bits_v else f"K{self.bits_k}/V{self.bits_v}")
         return f"{kv} {w}"
 
     def geometry(self) -> tuple:
-        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta)
+        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta, self.clip)
 
     def policy(self, num_layers: int) -> CachePolicy:
         """The cache policy; for a calibrated setting, its geometry with the base widths
@@ -139,10 +140,11 @@ def calibrated_setting(model, tokenizer, s: EvalSetting, num_layers: int, memo: 
     """(policy, Sensitivity) for a calibrated setting, chosen exactly as `edgekv export`
     chooses it (calibration.calibrated_policy); one sensitivity measurement per geometry."""
     from edgekv.calibration import calibrated_policy, measure
+    from edgekv.clipping import CANDIDATES
 
     key = s.geometry()
     if key not in memo:
-        memo[key] = measure(model, tokenizer, s.policy(num_layers))
+        memo[key] = measure(model, tokenizer, s.policy(num_layers), clips=CANDIDATES if s.clip else (1.0,))
     policy, _ = calibrated_policy(model, tokenizer, s.policy(num_layers), s.calibrated, sens=memo[key])
     return policy, memo[key]
 
