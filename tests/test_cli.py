@@ -51,14 +51,18 @@ def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model_dir):
     assert rows[0]["kl"] is None and 0.0 < rows[1]["kl"] < rows[2]["kl"]
 
 
-def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
+def _eval_tiny(tmp_path, model_dir, *args) -> dict:
+    """`edgekv eval` of the tiny model on short text, window 64, block/group 8: row 1."""
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
     out = tmp_path / "r.json"
-    assert main(["eval", str(tiny_model_dir), "--bits", "2.5", "--window", "64", "--block", "8",
-                 "--group", "8", "--meta", "fp16", "--text", str(text), "--max-tokens", "200",
-                 "--passkey-lengths", "", "--json", str(out)]) == 0
-    row = json.loads(out.read_text())["rows"][1]
+    assert main(["eval", str(model_dir), "--window", "64", "--block", "8", "--group", "8", "--text", str(text),
+                 "--max-tokens", "200", "--passkey-lengths", "", "--json", str(out), *args]) == 0
+    return json.loads(out.read_text())["rows"][1]
+
+
+def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "2.5", "--meta", "fp16")
     assert row["setting"] == "calibrated 2.5-bit W64 hadamard" and len(row["bits_k"]) == 2
     assert row["average_bits"] == sum(row["bits_k"] + row["bits_v"]) / 4 <= 2.5
     assert row["bits_per_element"] == row["average_bits"] + 4  # fp16 scale + zero per 8
@@ -66,11 +70,5 @@ def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
 
 
 def test_eval_clip_none_keeps_min_max_grids(tmp_path, tiny_model_dir):
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
-    out = tmp_path / "r.json"
-    assert main(["eval", str(tiny_model_dir), "--bits", "2", "--window", "64", "--block", "8",
-                 "--group", "8", "--clip", "none", "--text", str(text), "--max-tokens", "200",
-                 "--passkey-lengths", "", "--json", str(out)]) == 0
-    row = json.loads(out.read_text())["rows"][1]
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "2", "--clip", "none")
     assert row["setting"].endswith(" min/max") and row["clip"] == []
