@@ -274,6 +274,8 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
         held_out = calibration_ids(tokenizer, used + SELECTION_TOKENS)[used:]
         if len(held_out) >= 2 * base.block:
             _, policy, selection = select_layout(model, held_out, sens, base, target)
+    in_use = {"k": set(policy.bits_k), "v": set(policy.bits_v)}  # ratios only for widths in use
+    policy = policy.with_(clip=tuple(c for c in policy.clip if c[1] in in_use[c[0]]))
     shape = kv_shape(model.config)
     n = base.num_layers
     predicted = sens.predicted_loss(policy.bits_k, policy.bits_v)
