@@ -233,10 +233,10 @@ def _export_policy(args, num_layers: int, loaded=None):
     if loaded is None:
         return base, None
     from edgekv.calibration import calibrated_policy
-    from edgekv.clipping import CANDIDATES
+    from edgekv.clipping import candidates
 
-    clips = CANDIDATES if args.clip == "calibrated" else (1.0,)
-    return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits, clips=clips)
+    return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits,
+                             clips=candidates(args.clip == "calibrated"))
 
 
 def _run_export(args) -> int:

@@ -21,6 +21,11 @@ CANDIDATES = (1.0, 0.975, 0.95, 0.925, 0.9, 0.85, 0.8)  # ratios calibration tri
 SIDES = ("k", "v")
 
 
+def candidates(calibrated: bool) -> tuple[float, ...]:
+    """Ratios for calibration to try: all of CANDIDATES, or ratio 1 only (`--clip none`)."""
+    return CANDIDATES if calibrated else (1.0,)
+
+
 def shrink(ratio: float) -> float:
     """The fp32 constant (1 - ratio) / 2, as a Python float that is exactly an fp32 value."""
     return float(np.float32((1.0 - ratio) / 2.0))

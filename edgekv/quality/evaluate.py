@@ -130,8 +130,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
     for (s, policy), row in zip(done, rows):
         g = s.geometry()
         if row.predicted_delta_pct is None and g in sens and policy.average_bits() < 16 and policy.clip == sens[g].clip:
-            row.predicted_delta_pct = 100.0 * math.expm1(
-                sens[s.geometry()].predicted_loss(policy.bits_k, policy.bits_v))
+            row.predicted_delta_pct = 100.0 * math.expm1(sens[g].predicted_loss(policy.bits_k, policy.bits_v))
     _fill_deltas(rows)
     return rows
 
@@ -140,11 +139,11 @@ def calibrated_setting(model, tokenizer, s: EvalSetting, num_layers: int, memo: 
     """(policy, Sensitivity) for a calibrated setting, chosen exactly as `edgekv export`
     chooses it (calibration.calibrated_policy); one sensitivity measurement per geometry."""
     from edgekv.calibration import calibrated_policy, measure
-    from edgekv.clipping import CANDIDATES
+    from edgekv.clipping import candidates
 
     key = s.geometry()
     if key not in memo:
-        memo[key] = measure(model, tokenizer, s.policy(num_layers), clips=CANDIDATES if s.clip else (1.0,))
+        memo[key] = measure(model, tokenizer, s.policy(num_layers), clips=candidates(s.clip))
     policy, _ = calibrated_policy(model, tokenizer, s.policy(num_layers), s.calibrated, sens=memo[key])
     return policy, memo[key]
 
