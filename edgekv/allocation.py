@@ -28,6 +28,7 @@ class Sensitivity:
     value: tuple[tuple[float, ...], ...]
     meta: dict = field(default_factory=dict)  # how it was measured (text, tokens, seconds)
     clip: tuple[tuple[str, int, float], ...] = ()  # the range ratios measured at (policy.clip)
+    key_feedback: object = None  # the KeyFeedback keys were measured with (policy.key_feedback)
 
     @property
     def num_layers(self) -> int:

@@ -160,11 +160,45 @@ def _quantizable(n_tokens: int, policy: CachePolicy) -> slice:
     return slice(s, s + n)
 
 
+def key_weights(model, cap: Capture, policy: CachePolicy, distances: int = 128) -> torch.Tensor:
+    """M = E[u u^T] per layer and KV head [L, H, D, D], u a calibration query (of the KV
+    head's group) turned by RoPE over a key distance in [0, window): a pre-RoPE key error
+    e moves that logit by u.e. In the quantized basis (Hadamard-rotated when the policy
+    rotates). The weights of edgekv.key_feedback."""
+    hq, _, d = cap.q[0].shape
+    hkv = cap.k[0].shape[0]
+    span = policy.window or 1024
+    dist = torch.linspace(0, span - 1, distances).round()
+    cos, sin = model.model.rotary_emb(cap.k[0][None], dist[None].long())
+    cos, sin = cos[0].float()[:, None], sin[0].float()[:, None]  # [n, 1, D]
+    h = None
+    if policy.rotation == "hadamard":
+        from edgekv.rotation import hadamard
+
+        h = torch.from_numpy(hadamard(d))
+    out = torch.empty(len(cap.q), hkv, d, d)
+    for i, q in enumerate(cap.q):
+        q = q[:, ::2].reshape(hkv, -1, d)  # the KV head's group of query heads, every 2nd token
+        for j in range(hkv):
+            u = _rope(q[j][None], cos, sin).reshape(-1, d)
+            u = u if h is None else u @ h
+            out[i, j] = u.T @ u / len(u)
+    return out
+
+
+def key_feedback(model, cap: Capture, policy: CachePolicy):
+    """edgekv.key_feedback step matrices for `policy`'s geometry from calibration queries."""
+    from edgekv.key_feedback import KeyFeedback, step_matrices
+
+    return KeyFeedback(step_matrices(key_weights(model, cap, policy).double().numpy()))
+
+
 def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: torch.Tensor,
                       widths=WIDTHS, clips=(1.0,)) -> tuple[dict, dict]:
     """Predicted loss increase (nats per scored token) for keys and for values of one layer,
     the rest of the model unquantized: {(width, clip ratio): loss} for each width and each
-    of `clips` (ratio 1 only at 8 bits, where clipping has nothing to win)."""
+    of `clips` (ratio 1 only at 8 bits, where clipping has nothing to win). Keys round as
+    `policy.key_feedback` says."""
     q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
     rep = hq // k.shape[0]
@@ -194,13 +228,15 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     # Queries are a sample: scale up to the whole text, then per scored token.
     norm = 0.5 * (n / len(queries)) / (n - 1)
     k_rot, v_rot = rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), rotate(v[:, sl])
+    fb = policy.key_feedback
+    fb = None if fb is None else torch.from_numpy(fb.layer(layer).copy())[:, None]  # [H, 1, D, D]
     k_loss, v_loss = {}, {}
     for w, c in ((w, c) for w in widths for c in (clips if w < 8 else (1.0,))):
         if nblk == 0:
             k_loss[w, c] = v_loss[w, c] = 0.0
             continue
         kq = k.clone()
-        kq[:, sl] = unrotate(qt.fake_quantize_keys(k_rot, w, policy.meta, c).reshape(-1, nblk * policy.block, d))
+        kq[:, sl] = unrotate(qt.fake_quantize_keys(k_rot, w, policy.meta, c, fb).reshape(-1, nblk * policy.block, d))
         s_q = torch.where(full, s_f, attend(kq))
         o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
         k_loss[w, c] = float(norm * (g2 * (o - o_f) ** 2).sum())
@@ -222,16 +258,19 @@ def calibration_ids(tokenizer, tokens: int = DEFAULT_TOKENS) -> list[int]:
 
 def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
             queries: int = DEFAULT_QUERIES, widths=WIDTHS, fisher: str = DEFAULT_FISHER,
-            clips=clipping.CANDIDATES) -> Sensitivity:
+            clips=clipping.CANDIDATES, feedback: bool = True) -> Sensitivity:
     """Sensitivity of every layer's keys and values at every width, measured on the
     calibration text with `policy`'s geometry (sinks, block, group, window). Per side and
     width, the range ratio among `clips` with the least loss summed over layers is chosen
-    (edgekv.clipping; (1.0,): plain min/max) and the sensitivities are the ones at it."""
+    (edgekv.clipping; (1.0,): plain min/max) and the sensitivities are the ones at it.
+    `feedback`: keys round query-aware with step matrices fitted on the same queries
+    (edgekv.key_feedback; returned as `Sensitivity.key_feedback`), else to nearest."""
     t0 = time.perf_counter()
     ids = calibration_ids(tokenizer, tokens)
     n = len(ids)
     with torch.no_grad():
         cap = capture(model, ids, fisher=fisher)
+        policy = policy.with_(key_feedback=key_feedback(model, cap, policy) if feedback else None)
         # Queries: evenly spaced over the part of the text that attends to a ring.
         first = min(n - 1, policy.sinks + policy.block)
         qidx = torch.linspace(first, n - 1, min(queries, n - first)).round().long().unique()
@@ -250,13 +289,14 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
                       "attention output, one side of one layer quantized at a time",
             "fisher": fisher, "text": DEFAULT_TEXT_SOURCE + ", calibration part (last 25 %)",
             "tokens": n, "queries": int(len(qidx)), "base_nll": cap.nll,
-            "clip_candidates": list(clips), "seconds": round(time.perf_counter() - t0, 2)}
-    return Sensitivity(tuple(widths), keys, values, meta, clip=tuple(chosen))
+            "clip_candidates": list(clips), "key_rounding": "feedback" if feedback else "nearest",
+            "seconds": round(time.perf_counter() - t0, 2)}
+    return Sensitivity(tuple(widths), keys, values, meta, clip=tuple(chosen), key_feedback=policy.key_feedback)
 
 
 def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
                       sens: Sensitivity | None = None, select: bool = True,
-                      clips=clipping.CANDIDATES) -> tuple[CachePolicy, dict]:
+                      clips=clipping.CANDIDATES, feedback: bool = True) -> tuple[CachePolicy, dict]:
     """(`base` with calibrated per-layer bits for an average of `target`, the manifest's
     'allocation' section: how the bits were chosen). `sens`: an earlier `measure` of the
     same geometry (else measured here with `clips`). `select`: choose among the allocation,
@@ -264,8 +304,9 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
     (edgekv.layout_selection); else the allocation."""
     from edgekv.layout_selection import SELECTION_TOKENS, select as select_layout
 
-    sens = sens or measure(model, tokenizer, base, clips=clips)
-    base = base.with_(clip=sens.clip)  # every candidate layout quantizes as it was measured
+    sens = sens or measure(model, tokenizer, base, clips=clips, feedback=feedback)
+    # every candidate layout quantizes as it was measured
+    base = base.with_(clip=sens.clip, key_feedback=sens.key_feedback)
     alloc = allocate(sens, target)
     policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
     selection = None
@@ -285,6 +326,7 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
     return policy, {
         "layout": "calibrated", "target_bits": target, "average_bits": policy.average_bits(),
         "clip": [list(c) for c in policy.clip],
+        "key_rounding": "nearest" if policy.key_feedback is None else "feedback",
         "bits_per_element_with_metadata": policy.bits_per_element(shape),
         "widths": list(sens.widths),
         "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "

@@ -75,7 +75,7 @@ def _run_eval(args) -> int:
 
     text, source = read_text(args.text)
     geometry = (args.window, args.sinks, args.block, args.group, args.positions, args.rotation, args.meta,
-                args.clip == "calibrated")
+                args.clip == "calibrated", args.key_rounding == "feedback")
     settings = [EvalSetting(16, 16, *geometry)]
     for b in dict.fromkeys(args.bits):
         if b == 16:
@@ -114,6 +114,10 @@ def _add_layout_arg(p) -> None:
                    help="calibrated layouts only: quantize each side and width over the fraction of "
                         "its groups' range that calibration predicts loses least (no extra bytes); "
                         "none: plain min/max grids")
+    p.add_argument("--key-rounding", choices=["feedback", "nearest"], default="feedback",
+                   help="calibrated layouts only: feedback rounds each key block so that its error "
+                        "falls where calibration queries do not look (GPTQ-style error feedback, "
+                        "no extra bytes); nearest: round every element to its nearest code")
 
 
 def _check_target(b: float) -> None:
@@ -236,7 +240,8 @@ def _export_policy(args, num_layers: int, loaded=None):
     from edgekv.clipping import candidates
 
     return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits,
-                             clips=candidates(args.clip == "calibrated"))
+                             clips=candidates(args.clip == "calibrated"),
+                             feedback=args.key_rounding == "feedback")
 
 
 def _run_export(args) -> int:

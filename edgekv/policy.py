@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgekv.errors import PolicyError
+from edgekv.key_feedback import KeyFeedback
 from edgekv.meta_u8 import META_FIELDS, META_FORMATS
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
@@ -57,7 +58,9 @@ class CachePolicy:
     residual and 16-bit layers are never rotated), and the scale/zero storage ("fp16" per
     group, or "u8": 8-bit codes per group plus three fp16 numbers per block and head,
     edgekv.meta_u8), and `clip`: (side "k"/"v", width, ratio) entries that narrow each
-    group's quantization range to `ratio` of its span (edgekv.clipping; absent: 1)."""
+    group's quantization range to `ratio` of its span (edgekv.clipping; absent: 1), and
+    `key_feedback`: per-layer step matrices that round keys query-aware instead of to the
+    nearest code (edgekv.key_feedback; None: nearest)."""
 
     bits_k: tuple[int, ...]
     bits_v: tuple[int, ...]
@@ -69,6 +72,7 @@ class CachePolicy:
     rotation: str = "none"
     meta: str = "fp16"
     clip: tuple[tuple[str, int, float], ...] = ()
+    key_feedback: KeyFeedback | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
@@ -140,6 +144,11 @@ class CachePolicy:
             raise PolicyError(f"policy has bits for {self.num_layers} layers, model has {shape.num_layers}")
         if shape.head_dim % self.group or shape.head_dim % 8:
             raise PolicyError(f"group {self.group} must divide head_dim {shape.head_dim}")
+        if self.key_feedback is not None:
+            want = [shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.head_dim]
+            if list(self.key_feedback.matrices.shape) != want:
+                raise PolicyError(f"key feedback matrices are {list(self.key_feedback.matrices.shape)}, "
+                                  f"the model's cache needs {want}")
         if self.rotation == "hadamard" and shape.head_dim & (shape.head_dim - 1):
             raise PolicyError(f"a Hadamard rotation needs a power-of-two head_dim, got {shape.head_dim}; "
                               f"use rotation 'none'")
@@ -230,4 +239,5 @@ class CachePolicy:
         rot = "" if self.rotation == "none" else f" rot={self.rotation}"
         meta = "" if self.meta == "fp16" else f" meta={self.meta}"
         clip = "" if not self.clip else " clip=" + ",".join(f"{s}{b}:{r:g}" for s, b, r in self.clip)
-        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}{meta}{clip}"
+        fb = "" if self.key_feedback is None else " keys=feedback"
+        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}{meta}{clip}{fb}"

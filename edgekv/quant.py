@@ -19,6 +19,7 @@ import numpy as np
 
 from edgekv import meta_u8
 from edgekv.clipping import clipped_range
+from edgekv.key_feedback import round_with_feedback
 from edgekv.packing import pack, unpack
 
 FP16_REL_EPS = 2.0**-11  # relative rounding error of float16
@@ -66,12 +67,20 @@ def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.
     return np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
 
 
-def quantize_keys(block: np.ndarray, bits: int, meta: str = "fp16", clip: float = 1.0) -> Quantized:
+def quantize_keys(block: np.ndarray, bits: int, meta: str = "fp16", clip: float = 1.0,
+                  feedback: np.ndarray | None = None) -> Quantized:
     """Keys block [..., B, D] fp -> codes [..., D, B*bits/8], scale/zero [..., D] (and with
-    meta "u8", the block's meta [..., 3]); `clip`: policy.clip_ratio("k", bits)."""
+    meta "u8", the block's meta [..., 3]); `clip`: policy.clip_ratio("k", bits);
+    `feedback`: the layer's step matrices [H, D, D] (edgekv.key_feedback), else nearest."""
     x = np.asarray(block, dtype=np.float32)
     scale, zero, m, s32, z32 = _groups(x.min(axis=-2), x.max(axis=-2), bits, meta, (-1,), clip)
-    codes = _codes(x, s32[..., None, :], z32[..., None, :], bits)
+    if feedback is None:
+        codes = _codes(x, s32[..., None, :], z32[..., None, :], bits)
+    else:
+        f = np.asarray(feedback, dtype=np.float32)
+        steps = round_with_feedback(x, s32[..., None, :], z32[..., None, :], f,
+                                    lambda v, s, z: _codes(v, s, z, bits).astype(np.float32))
+        codes = np.concatenate(steps, axis=-1).astype(np.uint8)
     return Quantized(pack(np.swapaxes(codes, -1, -2), bits), scale, zero, m)
 
 

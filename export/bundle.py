@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgekv import __version__
+from edgekv import __version__, key_feedback
 from edgekv.errors import EdgekvError
 from edgekv.bundle_format import FORMAT_VERSION, MANIFEST
 from edgekv.files import sha256
@@ -119,6 +119,8 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
             onnx.checker.check_model(str(tmp / name), full_check=True)
         step("writing tokenizer and manifest")
         loaded.tokenizer.save_pretrained(tmp)
+        if policy.key_feedback is not None:
+            policy.key_feedback.save(tmp)
         manifest = {
             "format_version": FORMAT_VERSION, "edgekv_version": __version__,
             "source_model": Path(loaded.source).name, "model": model_config(loaded.model.config),
@@ -126,7 +128,8 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
                        "group": policy.group, "positions": policy.positions,
                        "bits_k": list(policy.bits_k), "bits_v": list(policy.bits_v),
                        "average_bits": policy.average_bits(), "rotation": policy.rotation,
-                       "meta": policy.meta, "clip": [list(c) for c in policy.clip]},
+                       "meta": policy.meta, "clip": [list(c) for c in policy.clip],
+                       "key_feedback": None if policy.key_feedback is None else key_feedback.FILE},
             "graphs": {"decode": "decode.onnx", "prefill": "prefill.onnx", "pack": "pack.onnx",
                        "prefill_chunk": options.prefill_chunk, "opset": options.opset,
                        "weights_dtype": options.weights_dtype,

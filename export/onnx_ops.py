@@ -190,6 +190,13 @@ def _quantize(e: Emitter, x: str, axis: int, bits: int, meta: str = "fp16",
     """fp32 x -> (codes uint8 like x, scale, zero reduced over `axis`): fp16, or with meta
     "u8" uint8 codes plus the block's meta [1,H,3] (its groups span `super_axes` of the
     reduced shape). `clip` < 1 narrows each group's range (edgekv.clipping, op for op)."""
+    stored, s, z = _grid(e, x, axis, bits, meta, super_axes, clip)
+    return (e.op("Cast", _codes(e, x, s, z, bits), to=U8), *stored)
+
+
+def _grid(e: Emitter, x: str, axis: int, bits: int, meta: str, super_axes: tuple[int, ...],
+          clip: float) -> tuple[tuple[str, ...], str, str]:
+    """(what is stored: scale, zero[, meta]; scale and zero fp32 unsqueezed at `axis`)."""
     levels = float((1 << bits) - 1)
     ax = e.i64(axis)
     mn = e.op("ReduceMin", x, ax, keepdims=0)
@@ -205,14 +212,38 @@ def _quantize(e: Emitter, x: str, axis: int, bits: int, meta: str = "fp16",
         zero = e.op("Cast", mn, to=F16)
         s32, z32 = e.op("Cast", scale, to=F32), e.op("Cast", zero, to=F32)
         stored = (scale, zero)
-    s = e.op("Unsqueeze", s32, ax)
-    z = e.op("Unsqueeze", z32, ax)
+    return stored, e.op("Unsqueeze", s32, ax), e.op("Unsqueeze", z32, ax)
+
+
+def _codes(e: Emitter, x: str, s: str, z: str, bits: int) -> str:
+    """Nearest codes (fp32) of x on the grid s, z; 0 where the scale is 0 (edgekv.quant)."""
     nonzero = e.op("Greater", s, e.f32(0.0))
     safe = e.op("Where", nonzero, s, e.f32(1.0))
     q = e.op("Round", e.op("Div", e.op("Sub", x, z), safe))  # division, as the reference does
     q = e.op("Where", nonzero, q, e.f32(0.0))
-    q = e.op("Clip", q, e.f32(0.0), e.f32(levels))
-    return (e.op("Cast", q, to=U8), *stored)
+    return e.op("Clip", q, e.f32(0.0), e.f32(float((1 << bits) - 1)))
+
+
+def _feedback_codes(e: Emitter, x: str, s: str, z: str, f: str, bits: int, head_dim: int) -> str:
+    """edgekv.key_feedback.round_with_feedback, op for op: keys x [1,H,B,D] fp32, grid s, z
+    [1,H,1,D], step matrices f [H,D,D]; STEP channels per step, each step's error fed
+    forward through its rows of f (one small MatMul). Codes fp32 [1,H,B,D]."""
+    from edgekv.key_feedback import STEP
+
+    steps = []
+    three = e.i64(3)
+    for a in range(0, head_dim, STEP):
+        b = a + STEP
+        cols = (e.i64(a), e.i64(b), three)
+        sa, za = e.op("Slice", s, *cols), e.op("Slice", z, *cols)
+        xa = e.op("Slice", x, *cols)
+        q = _codes(e, xa, sa, za, bits)
+        if b < head_dim:
+            err = e.op("Sub", xa, e.op("Add", e.op("Mul", q, sa), za))
+            rows = e.op("Slice", f, e.i64(a), e.i64(b), e.i64(1))  # [H, STEP, D]
+            x = e.op("Sub", x, e.op("MatMul", err, rows))
+        steps.append(q)
+    return e.op("Concat", *steps, axis=3)
 
 
 def _hadamard(e: Emitter, head_dim: int) -> str:
@@ -222,9 +253,9 @@ def _hadamard(e: Emitter, head_dim: int) -> str:
     return e.const(hadamard(head_dim), np.float32)
 
 
-def _suffix(rotate: bool, meta: str = "fp16", clip: float = 1.0) -> str:
+def _suffix(rotate: bool, meta: str = "fp16", clip: float = 1.0, feedback: bool = False) -> str:
     clipped = "" if clip == 1.0 else "_c" + f"{clip:g}".replace(".", "p")
-    return ("_rot" if rotate else "") + ("_m8" if meta == "u8" else "") + clipped
+    return ("_rot" if rotate else "") + ("_m8" if meta == "u8" else "") + clipped + ("_fb" if feedback else "")
 
 
 def _outputs(e: Emitter, names: tuple[str, ...], values: tuple[str, ...]) -> None:
@@ -232,20 +263,24 @@ def _outputs(e: Emitter, names: tuple[str, ...], values: tuple[str, ...]) -> Non
         e.op("Identity", v, out=n)
 
 
-def quantize_keys_function(bits: int, rotate_dim: int = 0, meta: str = "fp16", clip: float = 1.0) -> FunctionProto:
-    """QuantizeKeys_b{bits}[_rot][_m8][_c{clip}]: x fp16 [1,H,B,D] -> codes [1,H,D,B*bits/8],
-    scale/zero [1,H,D] (fp16, or uint8 codes and meta [1,H,3] with meta "u8").
-    rotate_dim = D: rotate x by the Hadamard matrix first (policy.rotation); clip:
-    policy.clip_ratio("k", bits)."""
+def quantize_keys_function(bits: int, rotate_dim: int = 0, meta: str = "fp16", clip: float = 1.0,
+                           feedback_dim: int = 0) -> FunctionProto:
+    """QuantizeKeys_b{bits}[_rot][_m8][_c{clip}][_fb]: x fp16 [1,H,B,D] -> codes
+    [1,H,D,B*bits/8], scale/zero [1,H,D] (fp16, or uint8 codes and meta [1,H,3] with meta
+    "u8"). rotate_dim = D: rotate x by the Hadamard matrix first (policy.rotation); clip:
+    policy.clip_ratio("k", bits); feedback_dim = D: a second input f [H,D,D], the layer's
+    step matrices (policy.key_feedback), rounds query-aware instead of to nearest."""
     e = Emitter()
     x = e.op("Cast", "x", to=F32)
     if rotate_dim:
         x = e.op("MatMul", x, _hadamard(e, rotate_dim))
-    codes, *stored = _quantize(e, x, 2, bits, meta, (-1,), clip)
-    codes = pack(e, e.op("Transpose", codes, perm=[0, 1, 3, 2]), bits, rank=4)
+    stored, s, z = _grid(e, x, 2, bits, meta, (-1,), clip)
+    q = _feedback_codes(e, x, s, z, "f", bits, feedback_dim) if feedback_dim else _codes(e, x, s, z, bits)
+    codes = pack(e, e.op("Transpose", e.op("Cast", q, to=U8), perm=[0, 1, 3, 2]), bits, rank=4)
     parts = quantized_parts(meta)
     _outputs(e, parts, (codes, *stored))
-    return helper.make_function(DOMAIN, f"QuantizeKeys_b{bits}{_suffix(bool(rotate_dim), meta, clip)}", ["x"],
+    name = f"QuantizeKeys_b{bits}{_suffix(bool(rotate_dim), meta, clip, bool(feedback_dim))}"
+    return helper.make_function(DOMAIN, name, ["x", "f"] if feedback_dim else ["x"],
                                 list(parts), e.nodes, [helper.make_opsetid("", OPSET)])
 
 

@@ -25,7 +25,8 @@ def pack_outputs(policy: CachePolicy) -> tuple[list[int], list[int]]:
 
 
 def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
-    """Inputs k, v fp16 [1,H,B,D]; outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
+    """Inputs k, v fp16 [1,H,B,D] (and f fp32 [H,D,D], the layer's key feedback step
+    matrices, when policy.key_feedback is set); outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
     and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/G] for each width b used
     (of the Hadamard-rotated block when policy.rotation says so)."""
     policy.check_shape(shape)
@@ -34,10 +35,11 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     e = Emitter()
     outputs, functions = [], []
     rotate_dim = d if policy.rotation == "hadamard" else 0
+    feedback_dim = d if policy.key_feedback is not None and kbits else 0
     for side, widths in (("k", kbits), ("v", vbits)):
         for b in widths:
             if side == "k":
-                fn = quantize_keys_function(b, rotate_dim, policy.meta, policy.clip_ratio(side, b))
+                fn = quantize_keys_function(b, rotate_dim, policy.meta, policy.clip_ratio(side, b), feedback_dim)
                 shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d], [1, h, META_FIELDS])
             else:
                 fn = quantize_values_function(b, g, rotate_dim, policy.meta, policy.clip_ratio(side, b))
@@ -45,7 +47,7 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
             functions.append(fn)
             parts = quantized_parts(policy.meta)
             names = [f"{side}{b}_{part}" for part in parts]
-            e.op(fn.name, side, out=names, domain=DOMAIN)
+            e.op(fn.name, *([side, "f"] if side == "k" and feedback_dim else [side]), out=names, domain=DOMAIN)
             md = U8 if policy.meta == "u8" else F16
             outputs += [helper.make_tensor_value_info(n, t, s)
                         for n, t, s in zip(names, (U8, md, md, F16), shapes)]
@@ -54,6 +56,8 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
         e.op("Identity", "v", out="v16")
         outputs = [helper.make_tensor_value_info(n, F16, [1, h, blk, d]) for n in ("k16", "v16")]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, h, blk, d]) for n in ("k", "v")]
+    if feedback_dim:  # the layer's key feedback step matrices (edgekv.key_feedback), bound per layer
+        inputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [h, d, d]))
     graph = helper.make_graph(e.nodes, "edgekv_pack", inputs, outputs)
     model = helper.make_model(graph, opset_imports=opset_imports(), functions=functions,
                               producer_name="edgekv")

@@ -16,6 +16,7 @@ from pathlib import Path
 from edgekv.bundle_format import FORMAT_VERSION, MANIFEST
 from edgekv.errors import EdgekvError, PolicyError
 from edgekv.files import sha256
+from edgekv.key_feedback import KeyFeedback
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.runtime.onnx_proto import ExternalTensor, ProtoError, external_initializers
 
@@ -94,15 +95,25 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def manifest_policy(manifest: dict) -> tuple[CachePolicy, KVShape]:
+def manifest_policy(manifest: dict, directory: str | Path | None = None) -> tuple[CachePolicy, KVShape]:
+    """The bundle's cache policy and shape; `directory`: the bundle, to load the key
+    feedback matrices a manifest may name (policy.key_feedback, edgekv.key_feedback).
+    Without it they stay unloaded: enough for planning, which only counts bytes."""
     p, m = manifest["policy"], manifest["model"]
+    feedback = None
+    if p.get("key_feedback") and directory is not None:  # bundles before it: nearest rounding
+        try:
+            feedback = KeyFeedback.load(Path(directory))
+        except ValueError as e:
+            raise BundleError(f"{e}; copy the whole bundle directory again or re-export") from None
     try:
         policy = CachePolicy(bits_k=p["bits_k"], bits_v=p["bits_v"], sinks=p["sinks"],
                              window=p["window"], block=p["block"], group=p["group"],
                              positions=p.get("positions", "cache"),
                              rotation=p.get("rotation", "none"),  # bundles before rotation: none
                              meta=p.get("meta", "fp16"),  # bundles before 8-bit metadata: fp16
-                             clip=tuple(tuple(c) for c in p.get("clip", ())))  # before clipping: none
+                             clip=tuple(tuple(c) for c in p.get("clip", ())),  # before clipping: none
+                             key_feedback=feedback)
         shape = KVShape(int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
         policy.check_shape(shape)
     except (KeyError, TypeError, ValueError, PolicyError) as e:
@@ -117,7 +128,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     structure are still checked); hashing a 500 MB weights file takes about a second."""
     path = Path(path)
     manifest = read_manifest(path)
-    policy, shape = manifest_policy(manifest)
+    policy, shape = manifest_policy(manifest, path)
     files = manifest["files"]
     for kind in GRAPHS:
         name = manifest["graphs"].get(kind)

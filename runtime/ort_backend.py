@@ -96,6 +96,8 @@ class OrtBackend:
                           if kind in self.sessions}
         pack_sess = self.sessions["pack"]
         self.packed = {o.name: np.zeros(o.shape, _NP_TYPES[o.type]) for o in pack_sess.get_outputs()}
+        fb = bundle.policy.key_feedback
+        self.key_feedback = None if fb is None else fb.matrices  # [L, H, D, D], bound per layer
         self._pack_io = [self._bind_pack(i) for i in range(sh.num_layers)]
 
     # ---- setup ----------------------------------------------------------------------
@@ -164,6 +166,8 @@ class OrtBackend:
         io = self.sessions["pack"].io_binding()
         self._bind(io, "k", self.state.buffers[f"past.{layer}.residual_k"])
         self._bind(io, "v", self.state.buffers[f"past.{layer}.residual_v"])
+        if self.key_feedback is not None:  # the layer's step matrices (edgekv.key_feedback)
+            self._bind(io, "f", self.key_feedback[layer])
         for name, arr in self.packed.items():
             self._bind(io, name, arr, output=True)
         return io

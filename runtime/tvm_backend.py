@@ -108,8 +108,11 @@ class TvmBackend:
             self._args[t] = (self._args[t], [outs[o] for o in self.graphs[kind][2]])
         _, pack_in, pack_out = self.graphs["pack"]
         self._pack_args = []
+        fb = bundle.policy.key_feedback  # pack.onnx's per-layer input f (edgekv.key_feedback)
         for layer in range(sh.num_layers):
             res = {"k": st.buffers[f"past.{layer}.residual_k"], "v": st.buffers[f"past.{layer}.residual_v"]}
+            if fb is not None:
+                res["f"] = fb.layer(layer).copy()  # writable: dlpack refuses read-only arrays
             self._pack_args.append([self._view(self._checked("pack", name, shape, dt, res[name]))
                                     for name, shape, dt in pack_in])
         self._pack_names = pack_out

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,6 +167,22 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     assert main(["export", str(tiny_model_dir), "-o", str(out3), "--bits", "2.5", "--clip", "none", *args]) == 0
     m3 = json.loads((out3 / "manifest.json").read_text())
     assert m3["policy"]["clip"] == [] and m3["allocation"]["calibration"]["clip_candidates"] == [1.0]
+    # Query-aware key rounding: on by default, its matrices shipped and hashed; off on request.
+    assert p["key_feedback"] == "key_feedback.npy" and "key_feedback.npy" in m["files"]
+    assert a["key_rounding"] == "feedback" and a["calibration"]["key_rounding"] == "feedback"
+    assert np.load(out / "key_feedback.npy").shape == (2, 2, 16, 16)
+    assert m2["policy"]["key_feedback"] is None and not (out2 / "key_feedback.npy").exists()
+    out4 = tmp_path / "nearest"
+    assert main(["export", str(tiny_model_dir), "-o", str(out4), "--bits", "2.5", "--key-rounding", "nearest",
+                 *args]) == 0
+    m4 = json.loads((out4 / "manifest.json").read_text())
+    assert m4["policy"]["key_feedback"] is None and m4["allocation"]["key_rounding"] == "nearest"
+    from edgekv.runtime.bundle import BundleError, open_bundle
+
+    assert open_bundle(out).policy.key_feedback is not None and open_bundle(out4).policy.key_feedback is None
+    (out / "key_feedback.npy").unlink()
+    with pytest.raises(BundleError, match="key_feedback.npy"):
+        open_bundle(out)
 
 
 

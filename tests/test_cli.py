@@ -72,3 +72,9 @@ def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
 def test_eval_clip_none_keeps_min_max_grids(tmp_path, tiny_model_dir):
     row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "2", "--clip", "none")
     assert row["setting"].endswith(" min/max") and row["clip"] == []
+
+
+def test_eval_key_rounding(tmp_path, tiny_model_dir):
+    assert _eval_tiny(tmp_path, tiny_model_dir, "--bits", "3")["key_rounding"] == "feedback"
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "3", "--key-rounding", "nearest")
+    assert row["setting"].endswith(" nearest") and row["key_rounding"] == "nearest"

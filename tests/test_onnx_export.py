@@ -32,12 +32,23 @@ def _policy(bits_k, bits_v, **kw):
 CLIPS = (("k", 2, 0.8), ("k", 3, 0.95), ("v", 2, 0.85), ("v", 4, 0.9))  # edgekv.clipping
 
 
+def _key_feedback(shape: KVShape):
+    """Step matrices from random correlated weights (edgekv.key_feedback)."""
+    from edgekv.key_feedback import KeyFeedback, step_matrices
+
+    d = shape.head_dim
+    a = np.random.default_rng(7).standard_normal((shape.num_layers, shape.num_kv_heads, d, d)) * np.linspace(0.1, 3, d)
+    return KeyFeedback(step_matrices(a @ np.swapaxes(a, -1, -2) / d + 0.01 * np.eye(d)))
+
+
+@pytest.mark.parametrize("feedback", [False, True], ids=["nearest", "feedback"])
 @pytest.mark.parametrize("clip", [(), CLIPS], ids=["minmax", "clipped"])
 @pytest.mark.parametrize("meta", ["fp16", "u8"])
 @pytest.mark.parametrize("block,group,head_dim", [(8, 8, 16), (32, 32, 64)])
-def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta, clip):
+def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta, clip, feedback):
     shape = KVShape(num_layers=4, num_kv_heads=2, head_dim=head_dim)
-    policy = _policy((2, 3, 4, 8), (8, 4, 3, 2), block=block, group=group, window=2 * block, meta=meta, clip=clip)
+    policy = _policy((2, 3, 4, 8), (8, 4, 3, 2), block=block, group=group, window=2 * block, meta=meta, clip=clip,
+                     key_feedback=_key_feedback(shape) if feedback else None)
     sess = session(build_pack(policy, shape))
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(0)
@@ -46,9 +57,10 @@ def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta, cl
         v = (rng.standard_normal((1, 2, block, head_dim)) * 10.0 ** rng.uniform(-2, 1)).astype(np.float16)
         k[0, 0, :, 3] = 1.5   # a constant channel: scale 0, codes 0
         v[0, 1, 2, :group] = -2.0  # a constant value group
-        out = dict(zip(names, sess.run(None, {"k": k, "v": v})))
+        f = policy.key_feedback.layer(trial % 4) if feedback else None
+        out = dict(zip(names, sess.run(None, {"k": k, "v": v, **({"f": f} if feedback else {})})))
         for b in (2, 3, 4, 8):
-            for side, q in (("k", quant.quantize_keys(k, b, meta, policy.clip_ratio("k", b))),
+            for side, q in (("k", quant.quantize_keys(k, b, meta, policy.clip_ratio("k", b), f)),
                             ("v", quant.quantize_values(v, b, group, meta, policy.clip_ratio("v", b)))):
                 for part, expect in zip(("codes", "scale", "zero", "meta"), q):
                     if expect is None:

@@ -60,6 +60,17 @@ def test_clipped_bundle_greedy_identical_to_reference(tiny_model, tiny_model_dir
     _check_greedy(tiny_model, tiny_model_dir, tmp_path, _policy((3, 2), (3, 4), rotation="hadamard").with_(clip=clip))
 
 
+def test_key_feedback_bundle_greedy_identical_to_reference(tiny_model, tiny_model_dir, tmp_path):
+    """Key feedback matrices (edgekv.key_feedback) travel in key_feedback.npy and are fed
+    to pack.onnx per layer; the reference rounds with the same matrices."""
+    from edgekv.calibration import capture, key_feedback
+
+    policy = _policy((3, 2), (3, 4), rotation="hadamard").with_(clip=(("k", 2, 0.9),))
+    fb = key_feedback(tiny_model, capture(tiny_model, list(range(64)), fisher="empirical"), policy)
+    assert np.abs(fb.matrices).max() > 0.01  # the tiny model's queries do couple channels
+    _check_greedy(tiny_model, tiny_model_dir, tmp_path, policy.with_(key_feedback=fb))
+
+
 def _check_greedy(tiny_model, tiny_model_dir, tmp_path, policy):
     eng = Engine.load(make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy))
     assert eng.bundle.policy == policy  # through the manifest

@@ -33,7 +33,7 @@ def compile_bundle(bundle: str | Path, device: str) -> dict:
 
     path = Path(bundle)
     manifest = read_manifest(path)
-    policy, shape = manifest_policy(manifest)
+    policy, shape = manifest_policy(manifest, path)
     try:
         spec = host_spec() if device == "host" else device_spec(device)
     except FileNotFoundError:

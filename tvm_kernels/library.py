@@ -32,9 +32,11 @@ class KernelSet:
 
 def kernel_names(policy: CachePolicy) -> KernelSet:
     pairs = sorted(set(zip(policy.bits_k, policy.bits_v)))
-    # The pack kernels neither rotate, clip nor write 8-bit metadata yet: such a bundle packs
-    # with pack.onnx (as every backend does today), and its library holds attention kernels only.
-    plain = policy.rotation == "none" and policy.meta == "fp16" and not policy.clip
+    # The pack kernels neither rotate, clip, round with key feedback nor write 8-bit metadata
+    # yet: such a bundle packs with pack.onnx (as every backend does today), and its library
+    # holds attention kernels only.
+    plain = (policy.rotation == "none" and policy.meta == "fp16" and not policy.clip
+             and policy.key_feedback is None)
     packs = [] if not plain else sorted({("k", b) for b in policy.bits_k if b < 16} | {("v", b) for b in policy.bits_v if b < 16})
     return KernelSet({pr: f"decode_k{pr[0]}_v{pr[1]}" for pr in pairs},
                      {pr: f"prefill_k{pr[0]}_v{pr[1]}" for pr in pairs},

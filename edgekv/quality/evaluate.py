@@ -24,6 +24,7 @@ class EvalSetting:
     rotation: str = "none"
     meta: str = "fp16"
     clip: bool = True  # calibrated settings: calibrate range clipping too (edgekv.clipping)
+    feedback: bool = True  # calibrated settings: round keys query-aware (edgekv.key_feedback)
     calibrated: float | None = None  # average code width: per-layer bits from calibration
 
     @property
@@ -34,13 +35,15 @@ class EvalSetting:
         if self.meta != "fp16" and not self.bits_k == self.bits_v == 16:
             w += f" meta {self.meta}"
         if self.calibrated is not None:
-            return f"calibrated {self.calibrated:g}-bit {w}" + ("" if self.clip else " min/max")
+            return (f"calibrated {self.calibrated:g}-bit {w}" + ("" if self.clip else " min/max")
+                    + ("" if self.feedback else " nearest"))
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
             f"{self.bits_k}-bit" if self.bits_k == self.bits_v else f"K{self.bits_k}/V{self.bits_v}")
         return f"{kv} {w}"
 
     def geometry(self) -> tuple:
-        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta, self.clip)
+        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta, self.clip,
+                self.feedback)
 
     def policy(self, num_layers: int) -> CachePolicy:
         """The cache policy; for a calibrated setting, its geometry with the base widths
@@ -72,6 +75,7 @@ class EvalRow:
     predicted_delta_pct: float | None = None  # calibration's prediction (when calibrated)
     kl: float | None = None  # mean KL(fp16 cache || this cache), nats/token (quantized rows)
     clip: list = field(default_factory=list)  # (side, width, ratio) range clipping (policy.clip)
+    key_rounding: str = "nearest"  # or "feedback" (policy.key_feedback)
 
 
 def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_tokens: int,
@@ -123,13 +127,15 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             kv_bytes=policy.total_bytes(shape, context), seconds=secs,
             passkey_trials=[asdict(t) for t in trials], average_bits=policy.average_bits(),
             bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted, kl=kl,
-            clip=[list(c) for c in policy.clip]))
+            clip=[list(c) for c in policy.clip],
+            key_rounding="nearest" if policy.key_feedback is None else "feedback"))
         done.append((s, policy))
     # The calibration's prediction for uniform rows too, to check it against the truth (only
-    # where they quantize with the ratios it was measured at).
+    # where they quantize as it was measured: same ratios, same key rounding).
     for (s, policy), row in zip(done, rows):
         g = s.geometry()
-        if row.predicted_delta_pct is None and g in sens and policy.average_bits() < 16 and policy.clip == sens[g].clip:
+        if row.predicted_delta_pct is None and g in sens and policy.average_bits() < 16 \
+                and (policy.clip, policy.key_feedback) == (sens[g].clip, sens[g].key_feedback):
             row.predicted_delta_pct = 100.0 * math.expm1(sens[g].predicted_loss(policy.bits_k, policy.bits_v))
     _fill_deltas(rows)
     return rows
@@ -143,7 +149,7 @@ def calibrated_setting(model, tokenizer, s: EvalSetting, num_layers: int, memo: 
 
     key = s.geometry()
     if key not in memo:
-        memo[key] = measure(model, tokenizer, s.policy(num_layers), clips=candidates(s.clip))
+        memo[key] = measure(model, tokenizer, s.policy(num_layers), clips=candidates(s.clip), feedback=s.feedback)
     policy, _ = calibrated_policy(model, tokenizer, s.policy(num_layers), s.calibrated, sens=memo[key])
     return policy, memo[key]
 

@@ -37,6 +37,8 @@ class CompressedKVCache:
 
             h = torch.from_numpy(hadamard(shape.head_dim))
             self.rotation = {"k": h, "v": h}
+        fb = policy.key_feedback  # query-aware key rounding (edgekv.key_feedback)
+        self.key_feedback = None if fb is None else torch.from_numpy(fb.matrices.copy())
         self.n_sink = 0
         self.n_res = 0
         self.blocks_pushed = 0
@@ -173,7 +175,8 @@ class CompressedKVCache:
         if bk == 16:
             c["ring_k"][:, :, slot] = rk
         else:
-            q = qt.quantize_keys(rk, bk, p.meta, p.clip_ratio("k", bk))
+            fb = None if self.key_feedback is None else self.key_feedback[layer]
+            q = qt.quantize_keys(rk, bk, p.meta, p.clip_ratio("k", bk), fb)
             for part, x in zip(("codes", "scale", "zero", "meta"), q):
                 c[f"ring_k_{part}"][:, :, slot] = x
         toks = slice(slot * b, (slot + 1) * b)

@@ -6,6 +6,7 @@ import torch
 
 from edgekv import meta_u8
 from edgekv.clipping import clipped_range
+from edgekv.key_feedback import round_with_feedback
 from edgekv.packing import packed_len
 
 
@@ -87,12 +88,23 @@ def _stored(scale: torch.Tensor, zero: torch.Tensor, meta: torch.Tensor | None, 
     return (scale.float(), zero.float()) if meta is None else decode_u8(scale, zero, meta, axes)
 
 
-def quantize_keys(block: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0):
+def _key_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
+               feedback: torch.Tensor | None) -> torch.Tensor:
+    """uint8 codes of key blocks x [..., B, D] on the grid s, z [..., 1, D]: nearest, or
+    with the layer's feedback step matrices (edgekv.key_feedback)."""
+    if feedback is None:
+        return _codes(x, s, z, bits)
+    steps = round_with_feedback(x, s, z, feedback.float(), lambda v, s, z: _codes(v, s, z, bits).float())
+    return torch.cat(steps, -1).to(torch.uint8)
+
+
+def quantize_keys(block: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0,
+                  feedback: torch.Tensor | None = None):
     """[..., B, D] -> (codes [..., D, B*bits/8], scale [..., D], zero [..., D]), plus the
-    block's meta [..., 3] when meta is "u8"."""
+    block's meta [..., 3] when meta is "u8"; `feedback`: [H, D, D] step matrices."""
     x = block.float()
     scale, zero, m, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,), clip)
-    codes = pack(_codes(x, s.unsqueeze(-2), z.unsqueeze(-2), bits).transpose(-1, -2), bits)
+    codes = pack(_key_codes(x, s.unsqueeze(-2), z.unsqueeze(-2), bits, feedback).transpose(-1, -2), bits)
     return (codes, scale, zero) if m is None else (codes, scale, zero, m)
 
 
@@ -122,13 +134,14 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return (g * s.unsqueeze(-1) + z.unsqueeze(-1)).reshape(c.shape)
 
 
-def fake_quantize_keys(x: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0) -> torch.Tensor:
+def fake_quantize_keys(x: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0,
+                       feedback: torch.Tensor | None = None) -> torch.Tensor:
     """dequantize(quantize(x)) for key blocks [..., B, D], without packing (packing is
     lossless): what attention reads back for these keys. Calibration uses it."""
     x = x.float()
     *_, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,), clip)
     s, z = s.unsqueeze(-2), z.unsqueeze(-2)
-    return _codes(x, s, z, bits).float() * s + z
+    return _key_codes(x, s, z, bits, feedback).float() * s + z
 
 
 def fake_quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16",
