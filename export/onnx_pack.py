@@ -8,8 +8,9 @@ Bit-exact with edgekv.quant (tests/test_onnx_export.py).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgekv.export.onnx_ops import (
     DOMAIN, F16, U8, Emitter, opset_imports, quantize_keys_function, quantize_values_function,
@@ -26,7 +27,9 @@ def pack_outputs(policy: CachePolicy) -> tuple[list[int], list[int]]:
 
 def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     """Inputs k, v fp16 [1,H,B,D] (and f fp32 [H,D,D], the layer's key feedback step
-    matrices, when policy.key_feedback is set); outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
+    matrices, when policy.key_feedback is set, plus k_bits int64 [1], the layer's key width,
+    when it is set and keys use several widths: only that width's outputs are computed,
+    the others are zeros); outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
     and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/G] for each width b used
     (of the Hadamard-rotated block when policy.rotation says so)."""
     policy.check_shape(shape)
@@ -36,6 +39,9 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     outputs, functions = [], []
     rotate_dim = d if policy.rotation == "hadamard" else 0
     feedback_dim = d if policy.key_feedback is not None and kbits else 0
+    # Feedback rounding is ~3x the work of nearest: with several key widths, each layer runs
+    # only its own (input k_bits; the other widths' outputs are zeros the runtime never reads).
+    gated = bool(feedback_dim) and len(kbits) > 1
     for side, widths in (("k", kbits), ("v", vbits)):
         for b in widths:
             if side == "k":
@@ -47,10 +53,14 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
             functions.append(fn)
             parts = quantized_parts(policy.meta)
             names = [f"{side}{b}_{part}" for part in parts]
-            e.op(fn.name, *([side, "f"] if side == "k" and feedback_dim else [side]), out=names, domain=DOMAIN)
             md = U8 if policy.meta == "u8" else F16
-            outputs += [helper.make_tensor_value_info(n, t, s)
-                        for n, t, s in zip(names, (U8, md, md, F16), shapes)]
+            infos = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(names, (U8, md, md, F16), shapes)]
+            args = [side, "f"] if side == "k" and feedback_dim else [side]
+            if side == "k" and gated:
+                _gated_call(e, fn.name, args, infos, b)
+            else:
+                e.op(fn.name, *args, out=names, domain=DOMAIN)
+            outputs += infos
     if not outputs:  # an all-16-bit policy still gets a valid (pass-through) graph
         e.op("Identity", "k", out="k16")
         e.op("Identity", "v", out="v16")
@@ -58,8 +68,30 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, h, blk, d]) for n in ("k", "v")]
     if feedback_dim:  # the layer's key feedback step matrices (edgekv.key_feedback), bound per layer
         inputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [h, d, d]))
+    if gated:  # the layer's key code width
+        inputs.append(helper.make_tensor_value_info("k_bits", TensorProto.INT64, [1]))
     graph = helper.make_graph(e.nodes, "edgekv_pack", inputs, outputs)
     model = helper.make_model(graph, opset_imports=opset_imports(), functions=functions,
                               producer_name="edgekv")
     model.ir_version = IR_VERSION
     return model
+
+
+def _gated_call(e: Emitter, fn: str, args: list[str], infos: list, bits: int) -> None:
+    """outputs = fn(*args) if k_bits == bits else zeros of the same shapes (an If node)."""
+    then, other = Emitter(f"then{bits}_"), Emitter(f"else{bits}_")
+    then.op(fn, *args, out=[f"then{bits}_{i.name}" for i in infos], domain=DOMAIN)
+    for i in infos:
+        t = i.type.tensor_type
+        dims = [x.dim_value for x in t.shape.dim]
+        zeros = np.zeros(dims, helper.tensor_dtype_to_np_dtype(t.elem_type))
+        other.op("Constant", out=f"else{bits}_{i.name}", value=numpy_helper.from_array(zeros))
+
+    def branch(em: Emitter, prefix: str):
+        outs = [helper.make_tensor_value_info(f"{prefix}{i.name}", i.type.tensor_type.elem_type, None)
+                for i in infos]
+        return helper.make_graph(em.nodes, prefix.rstrip("_"), [], outs)
+
+    cond = e.op("Equal", "k_bits", e.const([bits], np.int64))
+    e.op("If", cond, out=[i.name for i in infos], then_branch=branch(then, f"then{bits}_"),
+         else_branch=branch(other, f"else{bits}_"))

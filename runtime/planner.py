@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekv.errors import EdgekvError, PolicyError
+from edgekv.key_feedback import FILE as KEY_FEEDBACK_FILE
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.runtime.devices import DeviceProfile, resolve_device
 
@@ -271,7 +272,13 @@ GGUF_PREPACK_RATIO = 1.2
 def bundle_weights_bytes(manifest: dict) -> int:
     """Resident weight bytes of a bundle: weights.bin, mapped once (fp32 bundles). An fp16
     bundle's Casts are folded by onnxruntime into fp32 copies per graph, so it counts
-    the mapped file plus two fp32 copies; a gguf bundle, the file plus two packed copies."""
+    the mapped file plus two fp32 copies; a gguf bundle, the file plus two packed copies.
+    Key feedback matrices (key_feedback.npy, loaded whole) are counted with them."""
+    extra = int(manifest["files"].get(KEY_FEEDBACK_FILE, {}).get("bytes", 0))
+    return extra + _weights_file_bytes(manifest)
+
+
+def _weights_file_bytes(manifest: dict) -> int:
     size = int(manifest["files"].get("weights.bin", {}).get("bytes", 0))
     dtype = manifest["graphs"].get("weights_dtype")
     if dtype == "fp16":

@@ -177,6 +177,9 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
                  *args]) == 0
     m4 = json.loads((out4 / "manifest.json").read_text())
     assert m4["policy"]["key_feedback"] is None and m4["allocation"]["key_rounding"] == "nearest"
+    from edgekv.runtime.planner import bundle_weights_bytes  # the matrices count as resident memory
+
+    assert bundle_weights_bytes(m) - bundle_weights_bytes(m4) == m["files"]["key_feedback.npy"]["bytes"]
     from edgekv.runtime.bundle import BundleError, open_bundle
 
     assert open_bundle(out).policy.key_feedback is not None and open_bundle(out4).policy.key_feedback is None

@@ -17,12 +17,22 @@ except ImportError:  # tests/ imported as a package
     from tests.runtime_helpers import ROOT, make_bundle
 
 
-@pytest.mark.parametrize("meta", ["fp16", "u8"])
-def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta):
+def _feedback():
+    """Key feedback matrices (edgekv.key_feedback) for the tiny model's 2 x 2 x 16 x 16."""
+    from edgekv.key_feedback import KeyFeedback, step_matrices
+
+    a = np.random.default_rng(1).standard_normal((2, 2, 16, 16))
+    return KeyFeedback(step_matrices(a @ np.swapaxes(a, -1, -2) / 16 + 0.01 * np.eye(16)))
+
+
+@pytest.mark.parametrize("meta,feedback", [("fp16", False), ("u8", False), ("u8", True)])
+def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta, feedback):
     """30-token prompt + 40 tokens through a 32-token window: prefill chunks, padded
     prefill, decode, packing (2/4/8-bit layers and fp16 ring parts) and eviction all run
-    on both backends, with fp16 or 8-bit scale/zero."""
-    policy = CachePolicy(bits_k=(4, 8), bits_v=(2, 16), window=32, sinks=4, block=8, group=8, meta=meta)
+    on both backends, with fp16 or 8-bit scale/zero, and keys rounded with feedback
+    (pack.onnx then runs each layer's key width only, through an If per width)."""
+    policy = CachePolicy(bits_k=(4, 8), bits_v=(2, 16), window=32, sinks=4, block=8, group=8, meta=meta,
+                         key_feedback=_feedback() if feedback else None)
     bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
     prompt = np.random.default_rng(0).integers(0, 256, 30).tolist()
     got, logits = {}, {}

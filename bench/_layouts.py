@@ -1,0 +1,64 @@
+"""What the layout benchmarks (clipping.py, metadata.py, key_rounding.py) share: their
+common arguments, SmolLM2 with the evaluation tokens, and scoring a list of cache policies
+in lockstep with the fp16 cache of the same geometry (KL and Δppl), written as JSON."""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def parser(doc: str, json_default: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--bits", default="2,2.5,3,3.5,4", help="average code widths")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--json", default=json_default)
+    return ap
+
+
+def targets(args) -> list[float]:
+    return [float(b) for b in args.bits.split(",")]
+
+
+def load(max_tokens: int):
+    """(loaded model, KVShape, evaluation token ids): never the calibration text."""
+    from edgekv.export.model_loading import load_model
+    from edgekv.quality.text import evaluation_text
+    from edgekv.reference.model import kv_shape
+
+    loaded = load_model("default")
+    ids = loaded.tokenizer(evaluation_text()).input_ids[:max_tokens]
+    return loaded, kv_shape(loaded.model.config), ids
+
+
+def score(loaded, shape, geometry: dict, layouts: list[tuple[dict, object]], ids: list[int],
+          sequences: int) -> tuple[list[dict], float]:
+    """layouts: (row fields, CachePolicy). Rows gain KL, ppl, Δppl, bits/element, bytes
+    ratio and widths; also returns the evaluation seconds."""
+    from edgekv.policy import CachePolicy
+    from edgekv.quality.divergence import divergences
+    from edgekv.reference.model import ReferenceModel
+
+    fp16 = ReferenceModel(loaded.model, CachePolicy.uniform(shape.num_layers, 16, **geometry))
+    t0 = time.perf_counter()
+    scores = divergences(fp16, [ReferenceModel(loaded.model, p) for _, p in layouts], ids, sequences=sequences)
+    rows = [{**fields, "kl": d.kl, "ppl": d.ppl_test, "reference_ppl": d.ppl_reference, "delta_pct": d.delta_pct,
+             "bits_per_element": p.bits_per_element(shape), "fp16_ratio": p.fp16_ratio(shape),
+             "bits_k": list(p.bits_k), "bits_v": list(p.bits_v), "clip": [list(c) for c in p.clip]}
+            for (fields, p), d in zip(layouts, scores)]
+    return rows, time.perf_counter() - t0
+
+
+def write(path: str, loaded, ids: list[int], sequences: int, **fields) -> None:
+    from edgekv.quality.text import DEFAULT_TEXT_SOURCE
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"model": loaded.source, "text": DEFAULT_TEXT_SOURCE, "tokens": len(ids),
+                                      "sequences": sequences, **fields}, indent=2))
+
+
+def row_cells(r: dict) -> str:
+    """The columns every table ends with: bits/element, × fp16, KL, Δppl."""
+    return (f"{r['bits_per_element']:.2f} | {r['fp16_ratio']:.3f} | {r['kl']:.5f} | "
+            f"{r['delta_pct']:+.2f} % |")
