@@ -20,6 +20,8 @@ def main() -> None:
     ap = _layouts.parser(__doc__, "bench/results/key-rounding-smollm2.json")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--layouts", default="uniform,calibrated")
+    ap.add_argument("--kv-split", type=int, default=0,
+                    help="also K{b}/V16 and K16/V{b} at this width with feedback: which side loses what")
     args = ap.parse_args()
 
     from edgekv.allocation import uniform_pair
@@ -45,6 +47,11 @@ def main() -> None:
             if "calibrated" in kinds and target > min(s.widths):
                 policy, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=s)
                 layouts.append(({**row, "layout": f"calibrated ({record['selection']['chosen']})"}, policy))
+    if args.kv_split:
+        s, b = sens["feedback"], args.kv_split
+        for bk, bv in ((b, 16), (16, b)):
+            layouts.append(({"target": (bk + bv) / 2, "rounding": "feedback", "layout": f"K{bk}/V{bv}"},
+                            base.with_(bits_k=(bk,) * n, bits_v=(bv,) * n, clip=s.clip, key_feedback=s.key_feedback)))
     calibration_s = time.perf_counter() - t0
     rows, evaluation_s = _layouts.score(loaded, shape, geometry, layouts, ids, args.sequences)
     _layouts.write(args.json, loaded, ids, args.sequences, geometry=geometry,
