@@ -1,0 +1,117 @@
+"""Error feedback for values too? (negative result, BENCHMARKS.md "Query-aware key rounding").
+
+The reference backend with ring codecs (edgekv.methods): keys always rounded with the
+shipped key feedback (edgekv.key_feedback, matrices from the calibration queries); values
+rounded to nearest, or with the same update across each token's channels under one of
+three weights M_v fitted on the calibration text (never the evaluation text):
+  gradient  E_s[w_s w_s^T], w_s = sum_t a_ts g_t: the attention-aggregated output gradient
+  fisher    the rotated diagonal of the sampled Fisher of the attention output
+  o_proj    W_o^T W_o of the KV head's query heads (no data)
+Uniform widths, fp16 scale/zero, no clipping, rotation on; KL and Δppl against the fp16
+cache with the same window, all in lockstep.
+
+    .venv/bin/python bench/value_feedback.py [--bits 2,3] [--max-tokens 4096] [--sequences 4]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--json", default="bench/results/value-feedback-smollm2.json")
+    args = ap.parse_args()
+    import numpy as np
+    import torch
+
+    from edgekv.calibration import calibration_ids, capture, key_feedback
+    from edgekv.export.model_loading import load_model
+    from edgekv.key_feedback import round_with_feedback, step_matrices
+    from edgekv.methods.base import RingCodec
+    from edgekv.methods.codec_cache import method_model
+    from edgekv.policy import CachePolicy
+    from edgekv.quality.divergence import divergences
+    from edgekv.quality.text import evaluation_text
+    from edgekv.reference import quant_torch as qt
+    from edgekv.reference.model import _rotate_half, kv_shape
+    from edgekv.rotation import hadamard
+
+    loaded = load_model("default")
+    model, shape = loaded.model, kv_shape(loaded.model.config)
+    n, d = shape.num_layers, shape.head_dim
+
+    def policy(b):
+        return CachePolicy.uniform(n, b, window=1024, sinks=4, block=32, group=32, rotation="hadamard")
+
+    with torch.no_grad():
+        emp = capture(model, calibration_ids(loaded.tokenizer), fisher="empirical")
+        sampled = capture(model, calibration_ids(loaded.tokenizer), fisher="sampled")
+    keys = key_feedback(model, emp, policy(3))
+    h = torch.from_numpy(hadamard(d))
+    hq, t_len, _ = emp.q[0].shape
+    rep = hq // shape.num_kv_heads
+    causal = torch.triu(torch.ones(t_len, t_len, dtype=torch.bool), 1)
+
+    def gradient(layer, j):
+        g = emp.grad[layer].view(-1, hq, d)
+        rope = lambda x: x * emp.cos + _rotate_half(x) * emp.sin  # noqa: E731
+        q, k = rope(emp.q[layer]), rope(emp.k[layer])
+        m = torch.zeros(d, d)
+        for hh in range(j * rep, (j + 1) * rep):
+            a = torch.softmax((q[hh] @ k[j].T / d ** 0.5).masked_fill(causal, float("-inf")), -1)
+            w = a.T @ g[:, hh]
+            m += w.T @ w / t_len
+        return m
+
+    def fisher(layer, j):
+        return torch.diag(sampled.grad_sq[layer].view(-1, hq, d)[:, j * rep:(j + 1) * rep].mean(0).sum(0))
+
+    def o_proj(layer, j):
+        w = model.model.layers[layer].self_attn.o_proj.weight.detach().float()
+        w = torch.cat([w[:, hh * d:(hh + 1) * d] for hh in range(j * rep, (j + 1) * rep)], 0)
+        return w.T @ w
+
+    def matrices(weight, damp):
+        m = np.array([[(h.T @ weight(i, j) @ h).double().numpy() for j in range(shape.num_kv_heads)]
+                      for i in range(n)])
+        return torch.from_numpy(step_matrices(m, damp))
+
+    class Codec(RingCodec):
+        def __init__(self, values=None):
+            self.v = values
+
+        def keys(self, layer, x, bits):
+            return qt.fake_quantize_keys(x, bits, feedback=torch.from_numpy(keys.layer(layer).copy()))
+
+        def values(self, layer, x, bits, group):
+            if self.v is None:
+                return qt.fake_quantize_values(x, bits, group)
+            g = x.reshape(*x.shape[:-1], -1, group)
+            mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            s, z = qt._scale_zero(mn, mx, bits)  # the format's fp16 scale and zero
+            s, z = (a.float().expand_as(g).reshape(x.shape) for a in (s, z))
+            codes = round_with_feedback(x, s, z, self.v[layer], lambda v, s, z: qt._codes(v, s, z, bits).float())
+            return torch.cat(codes, -1) * s + z
+
+    codecs = {"nearest": Codec(), "gradient (ridge 1 %)": Codec(matrices(gradient, 0.01)),
+              "gradient (ridge 30 %)": Codec(matrices(gradient, 0.3)),
+              "fisher": Codec(matrices(fisher, 0.01)), "o_proj": Codec(matrices(o_proj, 0.01))}
+    ids = loaded.tokenizer(evaluation_text()).input_ids[:args.max_tokens]
+    rows = []
+    for b in (int(x) for x in args.bits.split(",")):
+        scores = divergences(method_model(model, policy(16)), [method_model(model, policy(b), c) for c in codecs.values()],
+                             ids, sequences=args.sequences)
+        rows += [{"bits": b, "values": name, "kl": r.kl, "delta_pct": r.delta_pct} for name, r in zip(codecs, scores)]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"tokens": len(ids), "sequences": args.sequences, "rows": rows}, indent=2))
+    print("\n| bits | value rounding | KL vs fp16 | Δppl |\n|---:|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['bits']} | {r['values']} | {r['kl']:.5f} | {r['delta_pct']:+.2f} % |")
+
+
+if __name__ == "__main__":
+    main()
