@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from edgekv.errors import PolicyError
+from edgekv.key_feedback import KeyFeedback
 
 WIDTHS = (2, 3, 4, 8)
 
@@ -28,7 +29,7 @@ class Sensitivity:
     value: tuple[tuple[float, ...], ...]
     meta: dict = field(default_factory=dict)  # how it was measured (text, tokens, seconds)
     clip: tuple[tuple[str, int, float], ...] = ()  # the range ratios measured at (policy.clip)
-    key_feedback: object = None  # the KeyFeedback keys were measured with (policy.key_feedback)
+    key_feedback: KeyFeedback | None = None  # what keys were measured with (policy.key_feedback)
 
     @property
     def num_layers(self) -> int:

@@ -52,6 +52,25 @@ class CacheState:
         self.new_positions = {t: aligned_zeros(t, np.int64) for t in token_counts}
         self._tok = np.arange(self.B, dtype=np.int64)
         self.n_sink = self.n_res = self.blocks_pushed = 0
+        self._pack_extra = [self._pack_constants(i) for i in range(shape.num_layers)]
+
+    def _pack_constants(self, layer: int) -> dict[str, np.ndarray]:
+        """pack.onnx's per-layer constant inputs (export.onnx_pack), aligned like every
+        buffer here: the key feedback step matrices `f` (edgekv.key_feedback) and the key
+        width `k_bits` (read only by a graph that computes just the layer's width)."""
+        extra = {"k_bits": aligned_zeros(1, np.int64)}
+        extra["k_bits"][0] = self.policy.bits_k[layer]
+        fb = self.policy.key_feedback
+        if fb is not None:
+            extra["f"] = aligned_zeros(fb.layer(layer).shape, np.float32)
+            extra["f"][...] = fb.layer(layer)
+        return extra
+
+    def pack_inputs(self, layer: int) -> dict[str, np.ndarray]:
+        """Everything pack.onnx may take for `layer`, by input name: the residual k and v,
+        plus its constants; a backend binds the names its graph declares."""
+        return {"k": self.buffers[f"past.{layer}.residual_k"], "v": self.buffers[f"past.{layer}.residual_v"],
+                **self._pack_extra[layer]}
 
     # ---- sizes and counters (CompressedKVCache semantics) ---------------------------
     @property

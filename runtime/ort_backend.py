@@ -96,11 +96,6 @@ class OrtBackend:
                           if kind in self.sessions}
         pack_sess = self.sessions["pack"]
         self.packed = {o.name: np.zeros(o.shape, _NP_TYPES[o.type]) for o in pack_sess.get_outputs()}
-        fb = bundle.policy.key_feedback
-        self.key_feedback = None if fb is None else fb.matrices  # [L, H, D, D], bound per layer
-        # pack.onnx's per-layer key width when it computes only that width (export.onnx_pack)
-        self._k_bits = [np.array([b], np.int64) for b in bundle.policy.bits_k]
-        self._pack_gated = "k_bits" in {i.name for i in pack_sess.get_inputs()}
         self._pack_io = [self._bind_pack(i) for i in range(sh.num_layers)]
 
     # ---- setup ----------------------------------------------------------------------
@@ -166,13 +161,11 @@ class OrtBackend:
         return io
 
     def _bind_pack(self, layer: int) -> ort.IOBinding:
-        io = self.sessions["pack"].io_binding()
-        self._bind(io, "k", self.state.buffers[f"past.{layer}.residual_k"])
-        self._bind(io, "v", self.state.buffers[f"past.{layer}.residual_v"])
-        if self.key_feedback is not None:  # the layer's step matrices (edgekv.key_feedback)
-            self._bind(io, "f", self.key_feedback[layer])
-        if self._pack_gated:
-            self._bind(io, "k_bits", self._k_bits[layer])
+        sess = self.sessions["pack"]
+        io = sess.io_binding()
+        arrays = self.state.pack_inputs(layer)
+        for i in sess.get_inputs():
+            self._bind(io, i.name, arrays[i.name])
         for name, arr in self.packed.items():
             self._bind(io, name, arr, output=True)
         return io

@@ -108,14 +108,8 @@ class TvmBackend:
             self._args[t] = (self._args[t], [outs[o] for o in self.graphs[kind][2]])
         _, pack_in, pack_out = self.graphs["pack"]
         self._pack_args = []
-        fb = bundle.policy.key_feedback  # pack.onnx's per-layer input f (edgekv.key_feedback)
         for layer in range(sh.num_layers):
-            res = {"k": st.buffers[f"past.{layer}.residual_k"], "v": st.buffers[f"past.{layer}.residual_v"]}
-            if fb is not None:  # aligned and writable, as TVM's zero-copy view needs
-                res["f"] = aligned_zeros(fb.layer(layer).shape, np.float32)
-                res["f"][...] = fb.layer(layer)
-            res["k_bits"] = aligned_zeros(1, np.int64)  # if pack.onnx runs only the layer's key width
-            res["k_bits"][0] = bundle.policy.bits_k[layer]
+            res = st.pack_inputs(layer)
             self._pack_args.append([self._view(self._checked("pack", name, shape, dt, res[name]))
                                     for name, shape, dt in pack_in])
         self._pack_names = pack_out
