@@ -136,7 +136,9 @@ def measure(run_once: Callable[[Sequence[int], int, Progress | None], tuple[floa
         runs = []
         for _ in range(repeat):
             runs.append(run_once(ids, gen, progress))
-        rows.append(summarize(n, gen, runs, peak_rss(), current_rss(), kv_bytes()))
+        # RSS first: a peak read before it can be a page below it (seen in CI).
+        rss = current_rss()
+        rows.append(summarize(n, gen, runs, peak_rss(), rss, kv_bytes()))
     return rows
 
 
