@@ -197,7 +197,7 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
                       widths=WIDTHS, clips=(1.0,)) -> tuple[dict, dict]:
     """Predicted loss increase (nats per scored token) for keys and for values of one layer,
     the rest of the model unquantized: {(width, clip ratio): loss} for each width and each
-    of `clips` (ratio 1 only at 8 bits, where clipping has nothing to win). Keys round as
+    of `clipping.for_width(clips, width)` (ratio 1 only at 8 bits, more at 1 bit). Keys round as
     `policy.key_feedback` says."""
     q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
@@ -231,7 +231,7 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     fb = policy.key_feedback
     fb = None if fb is None else torch.from_numpy(fb.layer(layer).copy())[:, None]  # [H, 1, D, D]
     k_loss, v_loss = {}, {}
-    for w, c in ((w, c) for w in widths for c in (clips if w < 8 else (1.0,))):
+    for w, c in ((w, c) for w in widths for c in clipping.for_width(clips, w)):
         if nblk == 0:
             k_loss[w, c] = v_loss[w, c] = 0.0
             continue
@@ -278,7 +278,7 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
     chosen, rows = [], {}
     for j, side in enumerate(clipping.SIDES):
         losses = [layer[j] for layer in per_layer]
-        best = {w: min((c for c in clips if (w, c) in losses[0]), key=lambda c: sum(r[w, c] for r in losses))
+        best = {w: min(clipping.for_width(clips, w), key=lambda c: sum(r[w, c] for r in losses))
                 for w in widths}
         chosen += [(side, w, c) for w, c in best.items() if c != 1.0]
         rows[side] = tuple(tuple(r[w, best[w]] for w in widths) for r in losses)

@@ -18,7 +18,20 @@ from __future__ import annotations
 import numpy as np
 
 CANDIDATES = (1.0, 0.975, 0.95, 0.925, 0.9, 0.85, 0.8)  # ratios calibration tries below 8 bits
+# Two levels want a far narrower range: on SmolLM2 the predicted loss is least at 0.6 for
+# keys and 0.5 for values, and 2x-5x higher at 0.8-1 (BENCHMARKS.md).
+ONE_BIT_EXTRA = (0.7, 0.6, 0.5)
 SIDES = ("k", "v")
+
+
+def for_width(clips: tuple[float, ...], bits: int) -> tuple[float, ...]:
+    """The ratios calibration tries at `bits`, given its candidates `clips`: none below 1
+    at 8 bits (nothing to win), ONE_BIT_EXTRA too at 1 bit unless clipping is off."""
+    if bits >= 8:
+        return (1.0,)
+    if bits == 1 and tuple(clips) != (1.0,):
+        return tuple(dict.fromkeys((*clips, *ONE_BIT_EXTRA)))
+    return tuple(clips)
 
 
 def candidates(calibrated: bool) -> tuple[float, ...]:

@@ -14,7 +14,7 @@ from edgekv.errors import PolicyError
 from edgekv.key_feedback import KeyFeedback
 from edgekv.meta_u8 import META_FIELDS, META_FORMATS
 
-SUPPORTED_BITS = (2, 3, 4, 8, 16)
+SUPPORTED_BITS = (1, 2, 3, 4, 8, 16)
 PositionMode = Literal["cache", "original"]
 ROTATIONS = ("none", "hadamard")
 METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)

@@ -93,7 +93,7 @@ def unpack_rows(e: Emitter, packed: str, bits: int, block: int, head_dim: int) -
     if bits == 8:
         return rows
     mask = (1 << bits) - 1
-    if 8 % bits == 0:  # 2 and 4 bits: byte j holds tokens j*k .. j*k+k-1
+    if 8 % bits == 0:  # 1, 2 and 4 bits: byte j holds tokens j*k .. j*k+k-1
         k, word, dt = 8 // bits, e.op("Unsqueeze", rows, e.i64(-2)), np.uint8
     else:  # 3 bits: 3 bytes hold 8 tokens
         k, dt = 8, np.uint32

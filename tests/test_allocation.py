@@ -29,7 +29,7 @@ def _brute_force(sens: Sensitivity, target: float) -> float:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("target", [2.0, 2.5, 3.0, 3.25, 4.0, 6.0])
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5, 3.0, 3.25, 4.0, 6.0])
 def test_knapsack_is_optimal_against_brute_force(seed, target):
     sens = _random_sens(2, seed)
     a = allocate(sens, target)
@@ -41,10 +41,13 @@ def test_knapsack_is_optimal_against_brute_force(seed, target):
 
 def test_extremes_and_sensitive_side_gets_the_bits():
     sens = _random_sens(5, 7)
-    assert allocate(sens, 2).bits_k == (2,) * 5 and allocate(sens, 2).bits_v == (2,) * 5
+    assert allocate(sens, 1).bits_k == (1,) * 5 and allocate(sens, 1).bits_v == (1,) * 5
     assert allocate(sens, 8).bits_k == (8,) * 5 and allocate(sens, 9).bits_v == (8,) * 5
     with pytest.raises(PolicyError, match="below the smallest width"):
-        allocate(sens, 1.5)
+        allocate(sens, 0.5)
+    # With 1 bit available a 2-bit average mixes widths where the losses differ.
+    two = allocate(sens, 2)
+    assert two.average_bits == 2 and 1 in two.bits_k + two.bits_v and max(two.bits_k + two.bits_v) > 2
     # One layer's keys 1000x more sensitive than everything else: it gets the most bits.
     key = [list(r) for r in sens.key]
     key[3] = [x * 1000 for x in key[3]]
@@ -55,7 +58,7 @@ def test_extremes_and_sensitive_side_gets_the_bits():
 
 def test_uniform_pair():
     assert uniform_pair(3) == (3, 3) and uniform_pair(16) == (16, 16)
-    assert uniform_pair(2.5) == (3, 2) and uniform_pair(3.5) == (4, 3)
+    assert uniform_pair(2.5) == (3, 2) and uniform_pair(3.5) == (4, 3) and uniform_pair(1.5) == (2, 1)
     with pytest.raises(PolicyError):
         uniform_pair(5)
 

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgekv import calibration as cal
+from edgekv import calibration as cal, clipping
 from edgekv.policy import CachePolicy
 from edgekv.reference import quant_torch as qt
 
 POLICY = CachePolicy.uniform(2, 3, sinks=2, window=16, block=8, group=8)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_fake_quantize_is_the_cache_quantizer(bits):
     torch.manual_seed(bits)
     k = torch.randn(3, 4, 8, 16) * 3
@@ -111,13 +111,15 @@ def test_layer_sensitivity_matches_a_per_query_reference(captured, layer):
     _, cap = captured
     queries = torch.arange(10, 64, 3)
     k_loss, v_loss = cal.layer_sensitivity(cap, layer, POLICY, queries, clips=(1.0, 0.9))
-    assert set(k_loss) == set(v_loss) == {(b, c) for b in (2, 3, 4) for c in (1.0, 0.9)} | {(8, 1.0)}
+    # 1 bit also tries the narrow ratios of clipping.ONE_BIT_EXTRA; 8 bits only 1.0
+    one_bit = {(1, c) for c in (1.0, 0.9, 0.7, 0.6, 0.5)}
+    assert set(k_loss) == set(v_loss) == {(b, c) for b in (2, 3, 4) for c in (1.0, 0.9)} | one_bit | {(8, 1.0)}
     for bits, clip in k_loss:
         pk, pv = _plain_sensitivity(cap, layer, POLICY, queries, bits, clip)
         assert k_loss[bits, clip] == pytest.approx(pk, rel=1e-4, abs=1e-12)
         assert v_loss[bits, clip] == pytest.approx(pv, rel=1e-4, abs=1e-12)
-    plain = [k_loss[b, 1.0] for b in (2, 3, 4, 8)]
-    assert plain[0] > plain[1] > plain[2] > plain[3] > 0  # coarser codes lose more
+    plain = [k_loss[b, 1.0] for b in (1, 2, 3, 4, 8)]
+    assert plain[0] > plain[1] > plain[2] > plain[3] > plain[4] > 0  # coarser codes lose more
     assert k_loss[2, 0.9] != k_loss[2, 1.0]  # the ratio reaches the quantizer
 
 
@@ -136,7 +138,7 @@ def test_measure_keeps_the_clip_ratio_with_the_least_summed_loss(tiny_model, tin
             if ratio == 1.0:  # the same measurement as without candidates
                 assert summed == pytest.approx(summed_plain, rel=1e-6)
             else:  # chosen only where it lowers the summed prediction
-                assert ratio == 0.7 and w < 8 and summed < summed_plain
+                assert ratio in clipping.for_width((1.0, 0.7), w)[1:] and w < 8 and summed < summed_plain
 
 
 def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
@@ -149,7 +151,7 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     a, p = m["allocation"], m["policy"]
     assert a["layout"] == "calibrated" and a["target_bits"] == 2.5
     assert a["average_bits"] == p["average_bits"] <= 2.5
-    assert set(p["bits_k"] + p["bits_v"]) <= {2, 3, 4, 8} and a["calibration"]["tokens"] > 100
+    assert set(p["bits_k"] + p["bits_v"]) <= {1, 2, 3, 4, 8} and a["calibration"]["tokens"] > 100
     chosen = [c for c in a["selection"]["candidates"] if c["name"] == a["selection"]["chosen"]]
     assert chosen and chosen[0]["bits_k"] == p["bits_k"] and chosen[0]["bits_v"] == p["bits_v"]
     # 8-bit scale + zero per 8 elements, 3 fp16 per block of 8 x 16 (the default u8 metadata)

@@ -26,12 +26,12 @@ def _run(bundle, backend, prompt, n):
     return toks, steps
 
 
-@pytest.mark.parametrize("bits,rotation,meta", [(((4, 8), (2, 16)), "none", "fp16"), (((3, 2), (3, 4)), "none", "fp16"),
+@pytest.mark.parametrize("bits,rotation,meta", [(((4, 8), (2, 16)), "none", "fp16"), (((3, 1), (1, 4)), "none", "fp16"),
                                                 (((3, 16), (2, 4)), "hadamard", "fp16"),
                                                 (((3, 16), (2, 4)), "hadamard", "u8")])
 def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits, rotation, meta):
     """30-token prompt + 60 tokens through a 32-token window: decode steps fill sinks and
-    the residual, and attend over a ring that wraps (mixed 2/3/4/8/16-bit layers, with and
+    the residual, and attend over a ring that wraps (mixed 1/2/3/4/8/16-bit layers, with and
     without the Hadamard rotation, fp16 or 8-bit scale/zero)."""
     policy = CachePolicy(bits_k=bits[0], bits_v=bits[1], window=32, sinks=4, block=8, group=8, rotation=rotation,
                          meta=meta)

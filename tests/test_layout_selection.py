@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from edgekv.allocation import WIDTHS, Sensitivity
+from edgekv.allocation import Sensitivity
 from edgekv.layout_selection import candidates, select
 from edgekv.policy import CachePolicy
 
 BASE = CachePolicy.uniform(2, 3, window=32, sinks=4, block=8, group=8)
 
 
-def _sens(key, value):
-    return Sensitivity(WIDTHS, tuple(map(tuple, key)), tuple(map(tuple, value)))
+def _sens(key, value):  # losses at widths 2, 3, 4, 8
+    return Sensitivity((2, 3, 4, 8), tuple(map(tuple, key)), tuple(map(tuple, value)))
 
 
 def test_candidates_are_distinct_and_start_with_the_allocation():

@@ -5,7 +5,7 @@ import torch
 from edgekv.packing import pack, packed_len, unpack
 from edgekv.reference import quant_torch as qt
 
-BITS = (2, 3, 4, 8)
+BITS = (1, 2, 3, 4, 8)
 
 
 @pytest.mark.parametrize("bits", BITS)

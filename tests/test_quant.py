@@ -5,7 +5,7 @@ import torch
 from edgekv import quant
 from edgekv.reference import quant_torch as qt
 
-BITS = (2, 3, 4, 8)
+BITS = (1, 2, 3, 4, 8)
 
 
 def _data(shape, seed):
@@ -108,7 +108,7 @@ def test_u8_metadata_costs_little_against_fp16():
 
 
 @pytest.mark.parametrize("meta", ["fp16", "u8"])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_clipped_range_clamps_the_extremes_and_torch_matches(bits, meta):
     """edgekv.clipping: the grid spans the middle `clip` of each group's range; what lies
     outside lands on the end codes; numpy and torch agree bit for bit."""
@@ -137,3 +137,18 @@ def test_clipping_lowers_the_error_of_gaussian_groups_at_2_bits():
     err = {c: float(np.mean((quant.dequantize_keys(quant.quantize_keys(x, 2, clip=c), 2, 32) - x) ** 2))
            for c in (1.0, 0.8)}
     assert err[0.8] < 0.9 * err[1.0]
+
+
+def test_one_bit_wants_a_range_near_half_the_span_and_calibration_tries_it():
+    """Why clipping.ONE_BIT_EXTRA exists: two levels on [min, max] of 32 Gaussian samples sit
+    far in the tails; at about half the span they sit near +-0.8 sigma (the optimal 1-bit
+    quantizer). Calibration tries those ratios at 1 bit only, and never with clipping off."""
+    from edgekv import clipping
+
+    x = np.random.default_rng(6).standard_normal((64, 32, 64)).astype(np.float16).astype(np.float32)
+    err = {c: float(np.mean((quant.dequantize_keys(quant.quantize_keys(x, 1, clip=c), 1, 32) - x) ** 2))
+           for c in (1.0, 0.8, 0.6, 0.5)}
+    assert min(err[0.6], err[0.5]) < 0.75 * err[0.8] < 0.75 * err[1.0]
+    assert set(clipping.ONE_BIT_EXTRA) <= set(clipping.for_width(clipping.CANDIDATES, 1))
+    assert clipping.for_width(clipping.CANDIDATES, 2) == clipping.CANDIDATES
+    assert clipping.for_width((1.0,), 1) == (1.0,) and clipping.for_width(clipping.CANDIDATES, 8) == (1.0,)

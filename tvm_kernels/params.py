@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from edgekv.policy import CachePolicy, KVShape
 
-PACK_BITS = (2, 3, 4, 8)
-ATTN_BITS = (2, 3, 4, 8, 16)
+PACK_BITS = (1, 2, 3, 4, 8)
+ATTN_BITS = (1, 2, 3, 4, 8, 16)
 
 
 @dataclass(frozen=True)

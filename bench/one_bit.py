@@ -1,0 +1,61 @@
+"""A 1-bit code width for the calibrated allocation, on SmolLM2-135M.
+
+For each average code width: the uniform layout, the calibrated layout chosen from widths
+{2, 3, 4, 8} (before 1 bit existed) and the one chosen from {1, 2, 3, 4, 8} (`edgekv
+export`'s default), both with the same calibration (feedback key rounding, calibrated clip
+ratios; 1 bit also tries the narrow ratios of edgekv.clipping.ONE_BIT_EXTRA), allocation and
+KL selection. Everything runs in lockstep with the fp16 cache of the same window over the
+same evaluation tokens (never the calibration text): mean KL and Δppl. Bytes are equal
+at equal average width.
+
+    .venv/bin/python bench/one_bit.py [--bits 2,2.5,3,3.5,4] [--max-tokens 4096] [--sequences 4]
+"""
+
+import dataclasses
+import time
+
+import _layouts
+
+
+def main() -> None:
+    ap = _layouts.parser(__doc__, "bench/results/one-bit-smollm2.json")
+    ap.add_argument("--window", type=int, default=1024)
+    args = ap.parse_args()
+
+    from edgekv.allocation import WIDTHS, uniform_pair
+    from edgekv.calibration import calibrated_policy, measure
+    from edgekv.policy import CachePolicy
+
+    loaded, shape, ids = _layouts.load(args.max_tokens)
+    model, n = loaded.model, shape.num_layers
+    geometry = dict(window=args.window, sinks=4, block=32, group=32, rotation="hadamard", meta="u8")
+    base = CachePolicy.uniform(n, 3, **geometry)
+    t0 = time.perf_counter()
+    sens = measure(model, loaded.tokenizer, base)  # every width; the rows without 1 bit drop it
+    assert sens.widths == WIDTHS and sens.widths[0] == 1
+    without = dataclasses.replace(sens, widths=sens.widths[1:], key=tuple(r[1:] for r in sens.key),
+                                  value=tuple(r[1:] for r in sens.value),
+                                  clip=tuple(c for c in sens.clip if c[1] != 1))
+    layouts = []  # (row fields, policy)
+    for target in _layouts.targets(args):
+        bk, bv = uniform_pair(target)
+        layouts.append(({"target": target, "layout": "uniform"}, base.with_(
+            bits_k=(bk,) * n, bits_v=(bv,) * n, clip=sens.clip, key_feedback=sens.key_feedback)))
+        for name, s in (("calibrated {2,3,4,8}", without), ("calibrated {1,2,3,4,8}", sens)):
+            if target > min(s.widths):
+                policy, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=s)
+                layouts.append(({"target": target, "layout": f"{name} ({record['selection']['chosen']})"}, policy))
+    calibration_s = time.perf_counter() - t0
+    rows, evaluation_s = _layouts.score(loaded, shape, geometry, layouts, ids, args.sequences)
+    _layouts.write(args.json, loaded, ids, args.sequences, geometry=geometry, calibration=sens.meta,
+                   clip_chosen=[list(c) for c in sens.clip],
+                   calibration_seconds=calibration_s, evaluation_seconds=evaluation_s, rows=rows)
+    print("| average code bits | layout | bits/element | × fp16 bytes | KL vs fp16 | Δppl | 1-bit sides |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ones = (r["bits_k"] + r["bits_v"]).count(1)
+        print(f"| {r['target']:g} | {r['layout']} | {_layouts.row_cells(r)} {ones} |")
+
+
+if __name__ == "__main__":
+    main()
