@@ -32,6 +32,16 @@ def load(max_tokens: int):
     return loaded, kv_shape(loaded.model.config), ids
 
 
+def shipped(max_tokens: int, window: int):
+    """load() plus the shipped cache geometry (Hadamard rotation, 8-bit metadata) and a
+    uniform 3-bit base policy of it: (loaded, KVShape, ids, geometry, base)."""
+    from edgekv.policy import CachePolicy
+
+    loaded, shape, ids = load(max_tokens)
+    geometry = dict(window=window, sinks=4, block=32, group=32, rotation="hadamard", meta="u8")
+    return loaded, shape, ids, geometry, CachePolicy.uniform(shape.num_layers, 3, **geometry)
+
+
 def score(loaded, shape, geometry: dict, layouts: list[tuple[dict, object]], ids: list[int],
           sequences: int) -> tuple[list[dict], float]:
     """layouts: (row fields, CachePolicy). Rows gain KL, ppl, Δppl, bits/element, bytes

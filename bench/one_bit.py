@@ -24,12 +24,9 @@ def main() -> None:
 
     from edgekv.allocation import WIDTHS, uniform_pair
     from edgekv.calibration import calibrated_policy, measure
-    from edgekv.policy import CachePolicy
 
-    loaded, shape, ids = _layouts.load(args.max_tokens)
+    loaded, shape, ids, geometry, base = _layouts.shipped(args.max_tokens, args.window)
     model, n = loaded.model, shape.num_layers
-    geometry = dict(window=args.window, sinks=4, block=32, group=32, rotation="hadamard", meta="u8")
-    base = CachePolicy.uniform(n, 3, **geometry)
     t0 = time.perf_counter()
     sens = measure(model, loaded.tokenizer, base)  # every width; the rows without 1 bit drop it
     assert sens.widths == WIDTHS and sens.widths[0] == 1
