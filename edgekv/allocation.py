@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 
 from edgekv.errors import PolicyError
 from edgekv.key_feedback import KeyFeedback
+from edgekv.packing import PACKED_BITS
 
-# 1 bit (two levels, on a range calibration narrows to about half) is too coarse for a
-# whole cache, but the least sensitive layers can take it and pay for 3 bits elsewhere:
-# with it a calibrated 2-bit average stops being uniform 2/2 by construction (BENCHMARKS.md).
-WIDTHS = (1, 2, 3, 4, 8)
+# Every packed width is a candidate. 1 bit (two levels, on a range calibration narrows to
+# about half) is too coarse for a whole cache, but the least sensitive layers can take it
+# and pay for 3 bits elsewhere: with it a calibrated 2-bit average stops being uniform 2/2
+# by construction (BENCHMARKS.md).
+WIDTHS = PACKED_BITS
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from typing import Literal
 from edgekv.errors import PolicyError
 from edgekv.key_feedback import KeyFeedback
 from edgekv.meta_u8 import META_FIELDS, META_FORMATS
+from edgekv.packing import PACKED_BITS
 
-SUPPORTED_BITS = (1, 2, 3, 4, 8, 16)
+SUPPORTED_BITS = (*PACKED_BITS, 16)  # 16: the ring stays fp16
 PositionMode = Literal["cache", "original"]
 ROTATIONS = ("none", "hadamard")
 METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.packing import PACKED_BITS
+from edgekv.policy import SUPPORTED_BITS, CachePolicy, KVShape
 
-PACK_BITS = (1, 2, 3, 4, 8)
-ATTN_BITS = (1, 2, 3, 4, 8, 16)
+PACK_BITS = PACKED_BITS
+ATTN_BITS = SUPPORTED_BITS  # 16: an fp16 ring
 
 
 @dataclass(frozen=True)
