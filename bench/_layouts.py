@@ -68,7 +68,21 @@ def write(path: str, loaded, ids: list[int], sequences: int, **fields) -> None:
                                       "sequences": sequences, **fields}, indent=2))
 
 
-def row_cells(r: dict) -> str:
-    """The columns every table ends with: bits/element, × fp16, KL, Δppl."""
-    return (f"{r['bits_per_element']:.2f} | {r['fp16_ratio']:.3f} | {r['kl']:.5f} | "
-            f"{r['delta_pct']:+.2f} % |")
+def column(header: str, key: str, fmt: str = "") -> tuple[str, str, object]:
+    """A table column of row[key]: right-aligned when `fmt` formats a number."""
+    return header, "---:" if fmt else "---", lambda r: format(r[key], fmt)
+
+
+TARGET, LAYOUT = column("average code bits", "target", "g"), column("layout", "layout")
+# The columns every layout table has after its own: bits/element, × fp16, KL, Δppl.
+SCORES = (column("bits/element", "bits_per_element", ".2f"), column("× fp16 bytes", "fp16_ratio", ".3f"),
+          column("KL vs fp16", "kl", ".5f"), ("Δppl", "---:", lambda r: f"{r['delta_pct']:+.2f} %"))
+
+
+def print_table(rows: list[dict], lead, tail=()) -> None:
+    """A markdown table: the `lead` columns (header, alignment, cell of a row), SCORES, `tail`."""
+    cols = [*lead, *SCORES, *tail]
+    print("| " + " | ".join(h for h, _, _ in cols) + " |")
+    print("|" + "|".join(a for _, a, _ in cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(cell(r) for _, _, cell in cols) + " |")

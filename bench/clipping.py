@@ -49,10 +49,8 @@ def main() -> None:
                    evaluation_seconds=evaluation_s, rows=rows)
     print(f"\nfp16 cache, same window: ppl {rows[0]['reference_ppl']:.3f}; clip ratios chosen: "
           + ", ".join(f"{s}{b}:{r:g}" for s, b, r in sens["clipped"].clip))
-    print("\n| average code bits | layout | grid | bits/element | × fp16 bytes | KL vs fp16 | Δppl |\n"
-          "|---:|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['target']:g} | {r['layout']} | {r['grid']} | {_layouts.row_cells(r)}")
+    print()
+    _layouts.print_table(rows, (_layouts.TARGET, _layouts.LAYOUT, _layouts.column("grid", "grid")))
 
 
 if __name__ == "__main__":

@@ -57,10 +57,8 @@ def main() -> None:
                    calibration_seconds=calibration_s, evaluation_seconds=evaluation_s, rows=rows)
     print(f"\nfp16 cache, same window: ppl {rows[0]['reference_ppl']:.3f}; measure() took "
           + ", ".join(f"{k} {s.meta['seconds']:.1f} s" for k, s in sens.items()))
-    print("\n| average code bits | layout | key rounding | bits/element | × fp16 bytes | KL vs fp16 | Δppl |\n"
-          "|---:|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['target']:g} | {r['layout']} | {r['rounding']} | {_layouts.row_cells(r)}")
+    print()
+    _layouts.print_table(rows, (_layouts.TARGET, _layouts.LAYOUT, _layouts.column("key rounding", "rounding")))
 
 
 if __name__ == "__main__":

@@ -44,10 +44,8 @@ def main() -> None:
     _layouts.write(args.json, loaded, ids, args.sequences, geometry=geometry, calibration_seconds=calibration_s,
                    evaluation_seconds=evaluation_s, rows=rows)
     print(f"\nfp16 cache, same window: ppl {rows[0]['reference_ppl']:.3f}\n")
-    print("| metadata | average code bits | layout | bits/element | × fp16 bytes | KL vs fp16 | Δppl |\n"
-          "|---|---:|---|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["bits_per_element"], r["meta"], r["layout"])):
-        print(f"| {r['meta']} | {r['target']:g} | {r['layout']} | {_layouts.row_cells(r)}")
+    _layouts.print_table(sorted(rows, key=lambda r: (r["bits_per_element"], r["meta"], r["layout"])),
+                         (_layouts.column("metadata", "meta"), _layouts.TARGET, _layouts.LAYOUT))
 
 
 if __name__ == "__main__":

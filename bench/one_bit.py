@@ -47,11 +47,8 @@ def main() -> None:
     _layouts.write(args.json, loaded, ids, args.sequences, geometry=geometry, calibration=sens.meta,
                    clip_chosen=[list(c) for c in sens.clip],
                    calibration_seconds=calibration_s, evaluation_seconds=evaluation_s, rows=rows)
-    print("| average code bits | layout | bits/element | × fp16 bytes | KL vs fp16 | Δppl | 1-bit sides |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ones = (r["bits_k"] + r["bits_v"]).count(1)
-        print(f"| {r['target']:g} | {r['layout']} | {_layouts.row_cells(r)} {ones} |")
+    ones = ("1-bit sides", "---:", lambda r: str((r["bits_k"] + r["bits_v"]).count(1)))
+    _layouts.print_table(rows, (_layouts.TARGET, _layouts.LAYOUT), (ones,))
 
 
 if __name__ == "__main__":
