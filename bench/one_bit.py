@@ -11,7 +11,6 @@ at equal average width.
     .venv/bin/python bench/one_bit.py [--bits 2,2.5,3,3.5,4] [--max-tokens 4096] [--sequences 4]
 """
 
-import dataclasses
 import time
 
 import _layouts
@@ -22,23 +21,21 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1024)
     args = ap.parse_args()
 
-    from edgekv.allocation import WIDTHS, uniform_pair
+    from edgekv.allocation import uniform_pair
     from edgekv.calibration import calibrated_policy, measure
 
     loaded, shape, ids, geometry, base = _layouts.shipped(args.max_tokens, args.window)
     model, n = loaded.model, shape.num_layers
     t0 = time.perf_counter()
     sens = measure(model, loaded.tokenizer, base)  # every width; the rows without 1 bit drop it
-    assert sens.widths == WIDTHS and sens.widths[0] == 1
-    without = dataclasses.replace(sens, widths=sens.widths[1:], key=tuple(r[1:] for r in sens.key),
-                                  value=tuple(r[1:] for r in sens.value),
-                                  clip=tuple(c for c in sens.clip if c[1] != 1))
+    assert sens.widths[0] == 1
+    without, with_one = sens.restricted((2, 3, 4, 8)), sens.restricted((1, 2, 3, 4, 8))
     layouts = []  # (row fields, policy)
     for target in _layouts.targets(args):
         bk, bv = uniform_pair(target)
         layouts.append(({"target": target, "layout": "uniform"}, base.with_(
             bits_k=(bk,) * n, bits_v=(bv,) * n, clip=sens.clip, key_feedback=sens.key_feedback)))
-        for name, s in (("calibrated {2,3,4,8}", without), ("calibrated {1,2,3,4,8}", sens)):
+        for name, s in (("calibrated {2,3,4,8}", without), ("calibrated {1,2,3,4,8}", with_one)):
             if target > min(s.widths):
                 policy, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=s)
                 layouts.append(({"target": target, "layout": f"{name} ({record['selection']['chosen']})"}, policy))

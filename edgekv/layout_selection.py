@@ -3,7 +3,8 @@
 The knapsack (edgekv.allocation) optimizes a sum of per-layer loss estimates; where those
 estimates are mostly noise it can allocate worse than uniform. So `calibrated_policy`
 builds a few candidates -- the allocation from the measured sensitivities, from
-sensitivities shrunk halfway toward each side's mean, and the uniform layout -- and keeps
+sensitivities shrunk halfway toward each side's mean, from the measured ones over the
+coarser widths COARSE_WIDTHS only, and the uniform layout -- and keeps
 the one whose next-token distributions stay closest (mean KL) to the fp16 cache's on
 calibration tokens the sensitivities were not measured on. Perplexity deltas could not make
 this choice (a held-out check by Δppl picked the worse layout in 2 of 4 settings); KL
@@ -19,6 +20,10 @@ from edgekv.errors import PolicyError
 from edgekv.policy import CachePolicy
 
 ALPHAS = (1.0, 0.5)  # measured sensitivities, and halfway to every layer alike
+# Finer steps (5 and 6 bits) also give the knapsack more ways to fit the noise of its
+# estimates: on SmolLM2 they won at 4 bits and lost at 3.5 (BENCHMARKS.md "Five- and
+# six-bit widths"), so the allocation without them stays a candidate.
+COARSE_WIDTHS = (1, 2, 3, 4, 8)
 SELECTION_TOKENS = 1024
 
 
@@ -28,6 +33,10 @@ def candidates(sens: Sensitivity, base: CachePolicy, target: float) -> dict[str,
     for alpha in ALPHAS:
         a = allocate(sens if alpha == 1.0 else shrink(sens, alpha), target)
         out[f"shrink {alpha:g}"] = base.with_(bits_k=a.bits_k, bits_v=a.bits_v)
+    coarse = sens.restricted(COARSE_WIDTHS)
+    if coarse.widths != sens.widths and coarse.widths and min(coarse.widths) <= target:
+        a = allocate(coarse, target)
+        out["widths " + ",".join(map(str, coarse.widths))] = base.with_(bits_k=a.bits_k, bits_v=a.bits_v)
     try:
         bk, bv = uniform_pair(target)
         n = base.num_layers

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PACKED_BITS = (1, 2, 3, 4, 8)
+PACKED_BITS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def packed_len(n: int, bits: int) -> int:

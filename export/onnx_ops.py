@@ -75,15 +75,17 @@ class Emitter:
 # onnxruntime's CPU broadcasting is slow when the broadcast inner run is short and a
 # Gather per code is slower still, so unpacking shifts whole rows: the shift index sits
 # on an axis whose inner run is long (D for keys, everything for values).
-def _word3(e: Emitter, parts: list[str]) -> str:
-    """Three byte tensors -> their 24-bit little-endian word (uint32)."""
+def _word(e: Emitter, parts: list[str]) -> tuple[str, type]:
+    """Byte tensors -> their little-endian word and its dtype: uint32 for up to 4 bytes,
+    uint64 for the 5 and 6 bytes of 8 five- or six-bit codes."""
+    dt = np.uint32 if len(parts) <= 4 else np.uint64
     word = None
     for j, byte in enumerate(parts):
-        byte = e.op("Cast", byte, to=TensorProto.UINT32)
+        byte = e.op("Cast", byte, to=helper.np_dtype_to_tensor_dtype(np.dtype(dt)))
         if j:
-            byte = e.op("BitShift", byte, e.const(8 * j, np.uint32), direction="LEFT")
+            byte = e.op("BitShift", byte, e.const(8 * j, dt), direction="LEFT")
         word = byte if word is None else e.op("BitwiseOr", word, byte)
-    return word
+    return word, dt
 
 
 def unpack_rows(e: Emitter, packed: str, bits: int, block: int, head_dim: int) -> str:
@@ -95,10 +97,10 @@ def unpack_rows(e: Emitter, packed: str, bits: int, block: int, head_dim: int) -
     mask = (1 << bits) - 1
     if 8 % bits == 0:  # 1, 2 and 4 bits: byte j holds tokens j*k .. j*k+k-1
         k, word, dt = 8 // bits, e.op("Unsqueeze", rows, e.i64(-2)), np.uint8
-    else:  # 3 bits: 3 bytes hold 8 tokens
-        k, dt = 8, np.uint32
+    else:  # 3, 5 and 6 bits: `bits` bytes hold 8 tokens
+        k = 8
         groups = e.op("Reshape", rows, e.i64(0, 0, 0, -1, bits, head_dim))
-        word = _word3(e, e.op("Split", groups, axis=-2, num_outputs=bits, n_out=bits))
+        word, dt = _word(e, e.op("Split", groups, axis=-2, num_outputs=bits, n_out=bits))
     codes = e.op("BitShift", word, e.const((np.arange(k) * bits).reshape(k, 1), dt), direction="RIGHT")
     codes = e.op("BitwiseAnd", codes, e.const(mask, dt))  # [1,H,nblk,units,k,D]
     return e.op("Reshape", codes, e.i64(0, 0, 0, block, head_dim))
@@ -113,11 +115,16 @@ def unpack_last(e: Emitter, packed: str, bits: int, n: int) -> str:
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         k, word, dt = 8 // bits, packed, np.uint8
-    else:  # 3 bytes -> one 24-bit word, summed exactly in fp32 (< 2**24) by a MatMul
+    elif bits == 3:  # 3 bytes -> one 24-bit word, summed exactly in fp32 (< 2**24) by a MatMul
         k, dt = 8, np.uint32
         groups = e.op("Cast", e.op("Reshape", packed, e.i64(0, 0, 0, -1, bits)), to=F32)
         word = e.op("MatMul", groups, e.const([[1.0], [256.0], [65536.0]], np.float32))
         word = e.op("Cast", e.op("Squeeze", word, e.i64(-1)), to=TensorProto.UINT32)
+    else:  # 5 and 6 bytes: a 40/48-bit word (beyond fp32's exact range) by shifts
+        k = 8
+        groups = e.op("Reshape", packed, e.i64(0, 0, 0, -1, bits))
+        word, dt = _word(e, e.op("Split", groups, axis=-1, num_outputs=bits, n_out=bits))
+        word = e.op("Squeeze", word, e.i64(-1))
     shifts = e.const((np.arange(k) * bits).reshape(k, 1, 1, 1, 1), dt)
     codes = e.op("BitShift", e.op("Unsqueeze", word, e.i64(0)), shifts, direction="RIGHT")
     codes = e.op("BitwiseAnd", codes, e.const(mask, dt))

@@ -59,8 +59,10 @@ def test_extremes_and_sensitive_side_gets_the_bits():
 def test_uniform_pair():
     assert uniform_pair(3) == (3, 3) and uniform_pair(16) == (16, 16)
     assert uniform_pair(2.5) == (3, 2) and uniform_pair(3.5) == (4, 3) and uniform_pair(1.5) == (2, 1)
-    with pytest.raises(PolicyError):
-        uniform_pair(5)
+    assert uniform_pair(5) == (5, 5) and uniform_pair(4.5) == (5, 4) and uniform_pair(7) == (8, 6)
+    for target in (2.7, 7.5):
+        with pytest.raises(PolicyError):
+            uniform_pair(target)
 
 
 def test_shrink_keeps_at_one_and_makes_layers_alike_at_zero():
@@ -81,3 +83,13 @@ def test_shrink_keeps_at_one_and_makes_layers_alike_at_zero():
     # With every layer alike, the knapsack allocates one width per side at integer targets.
     a = allocate(flat, 3.0)
     assert len(set(a.bits_k)) == 1 and len(set(a.bits_v)) == 1 and a.average_bits == 3.0
+
+
+def test_restricted_sensitivity_is_the_same_measurement_at_fewer_widths():
+    sens = _random_sens(3, 1)
+    sens = Sensitivity(sens.widths, sens.key, sens.value, clip=(("k", 1, 0.6), ("k", 5, 0.9), ("v", 2, 0.8)))
+    r = sens.restricted((1, 2, 3, 4, 8))
+    assert r.widths == (1, 2, 3, 4, 8) and r.clip == (("k", 1, 0.6), ("v", 2, 0.8))
+    bits_k, bits_v = (1, 3, 8), (4, 2, 2)
+    assert r.predicted_loss(bits_k, bits_v) == sens.predicted_loss(bits_k, bits_v)
+    assert all(b not in (5, 6) for b in allocate(r, 4.5).bits_k + allocate(r, 4.5).bits_v)

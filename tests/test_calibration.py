@@ -113,7 +113,7 @@ def test_layer_sensitivity_matches_a_per_query_reference(captured, layer):
     k_loss, v_loss = cal.layer_sensitivity(cap, layer, POLICY, queries, clips=(1.0, 0.9))
     # 1 bit also tries the narrow ratios of clipping.ONE_BIT_EXTRA; 8 bits only 1.0
     one_bit = {(1, c) for c in (1.0, 0.9, 0.7, 0.6, 0.5)}
-    assert set(k_loss) == set(v_loss) == {(b, c) for b in (2, 3, 4) for c in (1.0, 0.9)} | one_bit | {(8, 1.0)}
+    assert set(k_loss) == set(v_loss) == {(b, c) for b in (2, 3, 4, 5, 6) for c in (1.0, 0.9)} | one_bit | {(8, 1.0)}
     for bits, clip in k_loss:
         pk, pv = _plain_sensitivity(cap, layer, POLICY, queries, bits, clip)
         assert k_loss[bits, clip] == pytest.approx(pk, rel=1e-4, abs=1e-12)

@@ -23,7 +23,7 @@ def test_help_and_version():
 
 @pytest.mark.parametrize("args,msg", [
     (["eval", "/no/such/model"], "does not exist"),
-    (["eval", "default", "--bits", "5", "--bits-layout", "uniform"], "bits for keys must be one of"),
+    (["eval", "default", "--bits", "7.5", "--bits-layout", "uniform"], "bits for keys must be one of"),
     (["eval", "default", "--bits", "0.5"], "calibrated average must lie in"),
     (["eval", "default", "--window", "1000"], "multiple of block"),
     (["eval", "default", "--text", "/no/such.txt"], "text file"),

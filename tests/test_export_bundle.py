@@ -77,7 +77,7 @@ def test_failed_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--bits", "5"], "bits for keys must be one of"),
+    (["--bits", "7.5"], "bits for keys must be one of"),
     (["--window", "60"], "multiple of block"),
     (["--prefill-chunk", "3"], "must divide --block"),
     (["--window", "none"], "finite --window"),

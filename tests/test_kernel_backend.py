@@ -26,7 +26,7 @@ def _run(bundle, backend, prompt, n):
     return toks, steps
 
 
-@pytest.mark.parametrize("bits,rotation,meta", [(((4, 8), (2, 16)), "none", "fp16"), (((3, 1), (1, 4)), "none", "fp16"),
+@pytest.mark.parametrize("bits,rotation,meta", [(((4, 8), (2, 16)), "none", "fp16"), (((5, 1), (1, 6)), "none", "fp16"),
                                                 (((3, 16), (2, 4)), "hadamard", "fp16"),
                                                 (((3, 16), (2, 4)), "hadamard", "u8")])
 def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits, rotation, meta):

@@ -41,3 +41,17 @@ def test_select_keeps_the_candidate_with_the_least_kl(tiny_model):
     assert list(policy.bits_k) == chosen["bits_k"] and list(policy.bits_v) == chosen["bits_v"]
     assert all(v > 0 for v in kl.values()) and record["tokens"] == 160
     assert policy.average_bits() == pytest.approx(2.5)
+
+
+def test_the_allocation_over_coarse_widths_stays_a_candidate():
+    # Widths 2, 3, 4, 5, 8: layer 0's keys gain most from 4 -> 5, so the full allocation
+    # takes 5 bits there; without 5 it must pay for 8 or stay at 4, a different layout.
+    row = [1, 0.1, 0.01, 0.005, 1e-4]
+    sens = Sensitivity((2, 3, 4, 5, 8), ((100, 10, 1, 0.01, 0.009), tuple(row)), (tuple(row),) * 2)
+    c = candidates(sens, BASE, 3.5)
+    (full,) = [p for name, p in c.items() if "shrink 1" in name.split(" = ")]
+    (coarse,) = [p for name, p in c.items() if "widths 2,3,4,8" in name.split(" = ")]
+    assert full.bits_k == (5, 3) and 5 not in coarse.bits_k + coarse.bits_v
+    assert coarse.average_bits() <= 3.5 and coarse is not full
+    # Measured at the coarse widths only: no extra candidate.
+    assert not any(name.startswith("widths") for name in candidates(sens.restricted((2, 3, 4, 8)), BASE, 3.5))

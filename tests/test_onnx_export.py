@@ -29,7 +29,8 @@ def _policy(bits_k, bits_v, **kw):
     return CachePolicy(bits_k=bits_k, bits_v=bits_v, **{**GEOMETRY, **kw})
 
 
-CLIPS = (("k", 1, 0.6), ("k", 2, 0.8), ("k", 3, 0.95), ("v", 1, 0.5), ("v", 2, 0.85), ("v", 4, 0.9))  # edgekv.clipping
+CLIPS = (("k", 1, 0.6), ("k", 2, 0.8), ("k", 3, 0.95), ("k", 5, 0.975), ("v", 1, 0.5), ("v", 2, 0.85), ("v", 4, 0.9),
+         ("v", 6, 0.95))  # edgekv.clipping
 
 
 def _key_feedback(shape: KVShape):
@@ -46,23 +47,23 @@ def _key_feedback(shape: KVShape):
 @pytest.mark.parametrize("meta", ["fp16", "u8"])
 @pytest.mark.parametrize("block,group,head_dim", [(8, 8, 16), (32, 32, 64)])
 def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta, clip, feedback):
-    shape = KVShape(num_layers=5, num_kv_heads=2, head_dim=head_dim)
-    policy = _policy((1, 2, 3, 4, 8), (8, 4, 3, 2, 1), block=block, group=group, window=2 * block, meta=meta, clip=clip,
+    shape = KVShape(num_layers=7, num_kv_heads=2, head_dim=head_dim)
+    policy = _policy((1, 2, 3, 4, 5, 6, 8), (8, 6, 5, 4, 3, 2, 1), block=block, group=group, window=2 * block, meta=meta, clip=clip,
                      key_feedback=_key_feedback(shape) if feedback else None)
     sess = session(build_pack(policy, shape))
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(0)
-    for trial in range(10):
+    for trial in range(14):
         k = (rng.standard_normal((1, 2, block, head_dim)) * 10.0 ** rng.uniform(-2, 1)).astype(np.float16)
         v = (rng.standard_normal((1, 2, block, head_dim)) * 10.0 ** rng.uniform(-2, 1)).astype(np.float16)
         k[0, 0, :, 3] = 1.5   # a constant channel: scale 0, codes 0
         v[0, 1, 2, :group] = -2.0  # a constant value group
-        layer = trial % 5
+        layer = trial % 7
         f = policy.key_feedback.layer(layer) if feedback else None
         # with feedback, pack.onnx computes only the layer's own key width (k_bits)
         extra = {"f": f, "k_bits": np.array([policy.bits_k[layer]])} if feedback else {}
         out = dict(zip(names, sess.run(None, {"k": k, "v": v, **extra})))
-        for b in (1, 2, 3, 4, 8):
+        for b in (1, 2, 3, 4, 5, 6, 8):
             for side, q in (("k", quant.quantize_keys(k, b, meta, policy.clip_ratio("k", b), f)),
                             ("v", quant.quantize_values(v, b, group, meta, policy.clip_ratio("v", b)))):
                 skipped = feedback and side == "k" and b != policy.bits_k[layer]
@@ -77,7 +78,7 @@ def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta, cl
                         assert np.array_equal(got, expect), (side, b, part, trial)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 def test_unpack_matches_packing_reference(bits):
     """Production geometry (B=32, D=64: several 3-bit words per row), both layouts."""
     b, d = 32, 64

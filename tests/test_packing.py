@@ -5,7 +5,7 @@ import torch
 from edgekv.packing import pack, packed_len, unpack
 from edgekv.reference import quant_torch as qt
 
-BITS = (1, 2, 3, 4, 8)
+BITS = (1, 2, 3, 4, 5, 6, 8)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -30,7 +30,7 @@ def test_layout_is_little_endian_bit_stream():
     assert pack(np.array([0xA, 0x5], np.uint8), 4).tolist() == [0x5A]
 
 
-@pytest.mark.parametrize("bits,n", [(3, 4), (2, 3), (5, 8)])
+@pytest.mark.parametrize("bits,n", [(3, 4), (2, 3), (5, 4), (7, 8)])
 def test_bad_lengths_and_widths_are_refused(bits, n):
     with pytest.raises(ValueError):
         pack(np.zeros(n, np.uint8), bits)

@@ -7,7 +7,7 @@ SHAPE = KVShape(num_layers=30, num_kv_heads=3, head_dim=64)
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(bits=5), "bits for keys"),
+    (dict(bits=7), "bits for keys"),
     (dict(bits=3, window=1000), "multiple of block"),
     (dict(bits=3, block=12), "multiple of 8"),
     (dict(bits=3, group=0), "group"),

@@ -5,7 +5,7 @@ import torch
 from edgekv import quant
 from edgekv.reference import quant_torch as qt
 
-BITS = (1, 2, 3, 4, 8)
+BITS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def _data(shape, seed):

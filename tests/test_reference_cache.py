@@ -20,7 +20,7 @@ def _feed(cache, kv, step):
         t += n
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8, 16])
 def test_bytes_reported_equal_bytes_allocated(bits):
     p = CachePolicy.uniform(2, bits, window=64, sinks=4, block=8, group=8)
     assert CompressedKVCache(p, SHAPE, batch=1).nbytes == p.total_bytes(SHAPE)

@@ -29,7 +29,7 @@ def _run(params, args, lib=None):
     return out.numpy()
 
 
-@pytest.mark.parametrize("bits_k,bits_v", [(1, 1), (2, 2), (3, 3), (4, 4), (8, 8), (16, 16), (4, 2)])
+@pytest.mark.parametrize("bits_k,bits_v", [(1, 1), (2, 2), (3, 3), (4, 4), (5, 6), (6, 5), (8, 8), (16, 16), (4, 2)])
 def test_decode_matches_reference(bits_k, bits_v):
     pol = CachePolicy.uniform(1, bits_k=bits_k, bits_v=bits_v, sinks=S, window=W, block=B, group=16)
     for fill in FILLS:

@@ -20,7 +20,7 @@ def _block(seed: int) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("side", ["k", "v"])
 def test_pack_bit_exact(bits, side):
     p = PackParams(heads=2, head_dim=32, block=16, group=16, bits=bits)

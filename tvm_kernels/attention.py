@@ -31,25 +31,31 @@ from tvm import te, tirx
 
 from edgekv.tvm_kernels.params import AttnParams
 
-F32, F16, U8, I32 = "float32", "float16", "uint8", "int32"
+F32, F16, U8, I32, I64 = "float32", "float16", "uint8", "int32", "int64"
 
 
 def _word(load, base, nbytes: int):
-    """Little-endian word of `nbytes` consecutive bytes load(base + j). int32, not uint32:
-    x86 before AVX-512 has no vector uint32->float conversion (the mask below makes
-    an arithmetic shift harmless)."""
-    w = load(base).astype(I32)
+    """Little-endian word of `nbytes` consecutive bytes load(base + j). Signed, not
+    unsigned: x86 before AVX-512 has no vector uint32->float conversion (the mask below
+    makes an arithmetic shift harmless). int32 holds up to 4 bytes; the 5 and 6 bytes of
+    8 five- or six-bit codes take int64."""
+    dt = _word_dtype(nbytes)
+    w = load(base).astype(dt)
     for j in range(1, nbytes):
-        w = w | (load(base + j).astype(I32) << tirx.const(8 * j, I32))
+        w = w | (load(base + j).astype(dt) << tirx.const(8 * j, dt))
     return w
+
+
+def _word_dtype(nbytes: int) -> str:
+    return I32 if nbytes <= 4 else I64
 
 
 def _code(load, unit, lane, bits: int):
     """Code `unit*8 + lane` of a packed stream: 8 codes fill `bits` bytes."""
     if bits == 8:
         return load(unit * 8 + lane).astype(I32)
-    w = _word(load, unit * bits, bits)
-    return (w >> (lane * bits).astype(I32)) & tirx.const((1 << bits) - 1, I32)
+    dt = _word_dtype(bits)
+    return (_word(load, unit * bits, bits) >> (lane * bits).astype(dt)) & tirx.const((1 << bits) - 1, dt)
 
 
 def _exp(x):
