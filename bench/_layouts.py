@@ -32,13 +32,20 @@ def load(max_tokens: int):
     return loaded, kv_shape(loaded.model.config), ids
 
 
-def shipped(max_tokens: int, window: int):
-    """load() plus the shipped cache geometry (Hadamard rotation, 8-bit metadata) and a
-    uniform 3-bit base policy of it: (loaded, KVShape, ids, geometry, base)."""
+def shipped_parser(doc: str, json_default: str) -> argparse.ArgumentParser:
+    """parser() plus the window of the shipped geometry (`shipped`)."""
+    ap = parser(doc, json_default)
+    ap.add_argument("--window", type=int, default=1024)
+    return ap
+
+
+def shipped(args):
+    """load() plus the shipped cache geometry (Hadamard rotation, 8-bit metadata) at
+    args.window and a uniform 3-bit base policy of it: (loaded, KVShape, ids, geometry, base)."""
     from edgekv.policy import CachePolicy
 
-    loaded, shape, ids = load(max_tokens)
-    geometry = dict(window=window, sinks=4, block=32, group=32, rotation="hadamard", meta="u8")
+    loaded, shape, ids = load(args.max_tokens)
+    geometry = dict(window=args.window, sinks=4, block=32, group=32, rotation="hadamard", meta="u8")
     return loaded, shape, ids, geometry, CachePolicy.uniform(shape.num_layers, 3, **geometry)
 
 

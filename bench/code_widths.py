@@ -5,9 +5,10 @@ ratios): the uniform layout, the layout `edgekv export` chose before 5 and 6 exi
 (widths {1, 2, 3, 4, 8}), and every candidate of the KL selection (edgekv.layout_selection)
 it chooses from now: the allocation from {1, 2, 3, 4, 5, 6, 8}, a shrunk one, the one from
 the coarse widths {1, 2, 3, 4, 8}, uniform, the chosen one marked, so a choice the
-evaluation text disagrees with shows. A layout that arises several ways is one row. Everything runs in
-lockstep with the fp16 cache of the same window over the same evaluation tokens (never
-the calibration text): mean KL and Δppl. Bytes are equal at equal average width.
+evaluation text disagrees with shows. A layout that arises several ways is one row.
+Everything runs in lockstep with the fp16 cache of the same window over the same
+evaluation tokens (never the calibration text): mean KL and Δppl. Bytes are equal at equal
+average width.
 
     .venv/bin/python bench/code_widths.py [--bits 2,2.5,3,3.5,4] [--max-tokens 4096] [--sequences 4]
 """
@@ -20,14 +21,13 @@ BEFORE, NOW = (1, 2, 3, 4, 8), (1, 2, 3, 4, 5, 6, 8)
 
 
 def main() -> None:
-    ap = _layouts.parser(__doc__, "bench/results/code-widths-smollm2.json")
-    ap.add_argument("--window", type=int, default=1024)
+    ap = _layouts.shipped_parser(__doc__, "bench/results/code-widths-smollm2.json")
     args = ap.parse_args()
 
     from edgekv.allocation import uniform_pair
     from edgekv.calibration import calibrated_policy, measure
 
-    loaded, shape, ids, geometry, base = _layouts.shipped(args.max_tokens, args.window)
+    loaded, shape, ids, geometry, base = _layouts.shipped(args)
     model, n = loaded.model, shape.num_layers
     t0 = time.perf_counter()
     sens = measure(model, loaded.tokenizer, base)
@@ -43,7 +43,8 @@ def main() -> None:
 
         bk, bv = uniform_pair(target)
         add("uniform", base.with_(bits_k=(bk,) * n, bits_v=(bv,) * n))
-        add("export before", calibrated_policy(model, loaded.tokenizer, base, target, sens=sens.restricted(BEFORE))[0])
+        before, _ = calibrated_policy(model, loaded.tokenizer, base, target, sens=sens.restricted(BEFORE))
+        add("export before", before)
         _, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=sens.restricted(NOW))
         chosen = record["selection"]["chosen"]
         for c in record["selection"]["candidates"]:

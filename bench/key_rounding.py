@@ -17,8 +17,7 @@ import _layouts
 
 
 def main() -> None:
-    ap = _layouts.parser(__doc__, "bench/results/key-rounding-smollm2.json")
-    ap.add_argument("--window", type=int, default=1024)
+    ap = _layouts.shipped_parser(__doc__, "bench/results/key-rounding-smollm2.json")
     ap.add_argument("--layouts", default="uniform,calibrated")
     ap.add_argument("--kv-split", type=int, default=0,
                     help="also K{b}/V16 and K16/V{b} at this width with feedback: which side loses what")
@@ -27,7 +26,7 @@ def main() -> None:
     from edgekv.allocation import uniform_pair
     from edgekv.calibration import calibrated_policy, measure
 
-    loaded, shape, ids, geometry, base = _layouts.shipped(args.max_tokens, args.window)
+    loaded, shape, ids, geometry, base = _layouts.shipped(args)
     model, n = loaded.model, shape.num_layers
     t0 = time.perf_counter()
     sens = {"nearest": measure(model, loaded.tokenizer, base, feedback=False),

@@ -17,14 +17,13 @@ import _layouts
 
 
 def main() -> None:
-    ap = _layouts.parser(__doc__, "bench/results/one-bit-smollm2.json")
-    ap.add_argument("--window", type=int, default=1024)
+    ap = _layouts.shipped_parser(__doc__, "bench/results/one-bit-smollm2.json")
     args = ap.parse_args()
 
     from edgekv.allocation import uniform_pair
     from edgekv.calibration import calibrated_policy, measure
 
-    loaded, shape, ids, geometry, base = _layouts.shipped(args.max_tokens, args.window)
+    loaded, shape, ids, geometry, base = _layouts.shipped(args)
     model, n = loaded.model, shape.num_layers
     t0 = time.perf_counter()
     sens = measure(model, loaded.tokenizer, base)  # every width; the rows without 1 bit drop it
@@ -38,7 +37,8 @@ def main() -> None:
         for name, s in (("calibrated {2,3,4,8}", without), ("calibrated {1,2,3,4,8}", with_one)):
             if target > min(s.widths):
                 policy, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=s)
-                layouts.append(({"target": target, "layout": f"{name} ({record['selection']['chosen']})"}, policy))
+                chosen = record["selection"]["chosen"]
+                layouts.append(({"target": target, "layout": f"{name} ({chosen})"}, policy))
     calibration_s = time.perf_counter() - t0
     rows, evaluation_s = _layouts.score(loaded, shape, geometry, layouts, ids, args.sequences)
     _layouts.write(args.json, loaded, ids, args.sequences, geometry=geometry, calibration=sens.meta,

@@ -18,10 +18,10 @@ from edgekv.key_feedback import KeyFeedback
 from edgekv.packing import PACKED_BITS
 
 # Every packed width is a candidate. 5 and 6 bits give a 4-bit average finer steps than
-# 4 -> 8 (sensitive sides take 5, the least sensitive 3); 1 bit (two levels, on a range calibration narrows to
-# about half) is too coarse for a whole cache, but the least sensitive layers can take it
-# and pay for 3 bits elsewhere: with it a calibrated 2-bit average stops being uniform 2/2
-# by construction (BENCHMARKS.md).
+# 4 -> 8 (sensitive sides take 5, the least sensitive 3). 1 bit (two levels, on a range
+# calibration narrows to about half) is too coarse for a whole cache, but the least
+# sensitive layers can take it and pay for 3 bits elsewhere: with it a calibrated 2-bit
+# average stops being uniform 2/2 by construction (BENCHMARKS.md).
 WIDTHS = PACKED_BITS
 
 
