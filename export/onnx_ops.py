@@ -22,7 +22,7 @@ from edgekv.policy import quantized_parts
 
 DOMAIN = "edgekv"
 DOMAIN_VERSION = 1
-OPSET = 18  # BitwiseAnd/BitwiseOr and Split(num_outputs) need 18
+OPSET = 18  # Split(num_outputs) needs 18
 F32, F16, U8 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.UINT8
 
 
@@ -72,70 +72,53 @@ class Emitter:
 
 
 # ---- bit packing (little-endian bit stream along the last axis, edgekv.packing) -------
-# onnxruntime's CPU broadcasting is slow when the broadcast inner run is short and a
-# Gather per code is slower still, so unpacking shifts whole rows: the shift index sits
-# on an axis whose inner run is long (D for keys, everything for values).
-def _word(e: Emitter, parts: list[str]) -> tuple[str, type]:
-    """Byte tensors -> their little-endian word and its dtype: uint32 for up to 4 bytes,
-    uint64 for the 5 and 6 bytes of 8 five- or six-bit codes."""
-    dt = np.uint32 if len(parts) <= 4 else np.uint64
-    word = None
-    for j, byte in enumerate(parts):
-        byte = e.op("Cast", byte, to=helper.np_dtype_to_tensor_dtype(np.dtype(dt)))
-        if j:
-            byte = e.op("BitShift", byte, e.const(8 * j, dt), direction="LEFT")
-        word = byte if word is None else e.op("BitwiseOr", word, byte)
-    return word, dt
+# Unpacking is fp32 arithmetic, exact because every value is an integer below 2**24. Eight
+# codes fill `bits` bytes; code i starts at bit o = i*bits % 8 of byte s = i*bits // 8 and
+# ends within byte s+1 (o + bits <= 15), so with w = byte_s + 256 * byte_s+1
+#     code_i = floor(w / 2**o) - 2**bits * floor(w / 2**(o + bits)).
+# One MatMul forms both quotients of all 8 codes, a Floor rounds them, a second MatMul takes
+# the differences. MatMul/Floor/Cast/Reshape have kernels in every onnxruntime execution
+# provider; BitShift and Bitwise* have none in CUDA's (export/cuda_coverage.py checks).
+def _unpack_matrices(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(quotients [bits, 16], differences [16, 8]) for 8 codes in `bits` bytes."""
+    quot = np.zeros((bits, 16), np.float32)
+    for i in range(8):
+        s, o = divmod(i * bits, 8)
+        for col, shift in ((i, o), (8 + i, o + bits)):
+            quot[s, col] = 2.0 ** -shift
+            if o + bits > 8:  # the code runs into the next byte
+                quot[s + 1, col] = 2.0 ** (8 - shift)
+    diff = np.concatenate([np.eye(8), -(2.0 ** bits) * np.eye(8)]).astype(np.float32)
+    return quot, diff
+
+
+def unpack(e: Emitter, packed: str, bits: int, rank: int) -> str:
+    """Packed uint8 [..., n*bits/8] (known rank) -> fp32 codes [..., n]."""
+    if bits == 8:
+        return e.op("Cast", packed, to=F32)
+    keep = [0] * (rank - 1)
+    quot, diff = _unpack_matrices(bits)
+    groups = e.op("Cast", e.op("Reshape", packed, e.i64(*keep, -1, bits)), to=F32)  # [..., units, bits]
+    whole = e.op("Floor", e.op("MatMul", groups, e.const(quot)))  # [..., units, 16]
+    return e.op("Reshape", e.op("MatMul", whole, e.const(diff)), e.i64(*keep, -1))
 
 
 def unpack_rows(e: Emitter, packed: str, bits: int, block: int, head_dim: int) -> str:
-    """Key codes [1,H,nblk,D,B*bits/8] -> [1,H,nblk,B,D] uint8: the packed bytes are
-    transposed first (cheap, bytes), then code i of a unit comes from shifting a row of D."""
-    rows = e.op("Transpose", packed, perm=[0, 1, 2, 4, 3])  # [1,H,nblk,nbytes,D]
-    if bits == 8:
-        return rows
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:  # 1, 2 and 4 bits: byte j holds tokens j*k .. j*k+k-1
-        k, word, dt = 8 // bits, e.op("Unsqueeze", rows, e.i64(-2)), np.uint8
-    else:  # 3, 5 and 6 bits: `bits` bytes hold 8 tokens
-        k = 8
-        groups = e.op("Reshape", rows, e.i64(0, 0, 0, -1, bits, head_dim))
-        word, dt = _word(e, e.op("Split", groups, axis=-2, num_outputs=bits, n_out=bits))
-    codes = e.op("BitShift", word, e.const((np.arange(k) * bits).reshape(k, 1), dt), direction="RIGHT")
-    codes = e.op("BitwiseAnd", codes, e.const(mask, dt))  # [1,H,nblk,units,k,D]
-    return e.op("Reshape", codes, e.i64(0, 0, 0, block, head_dim))
+    """Key codes [1,H,nblk,D,B*bits/8] -> fp32 [1,H,nblk,B,D]: each channel's B tokens
+    are unpacked along the last axis as one long GEMM, then tokens and channels swap."""
+    return e.op("Transpose", unpack(e, packed, bits, rank=5), perm=[0, 1, 2, 4, 3])
 
 
 def unpack_last(e: Emitter, packed: str, bits: int, n: int) -> str:
-    """Value codes [1,H,W,n*bits/8] -> [1,H,W,n] (uint8 or uint32). The shift index goes
-    first ([k,1,H,W,units]: one scalar shift per long run), then a Transpose moves it
-    last, which interleaves the codes back into stream order."""
-    if bits == 8:
-        return packed
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:
-        k, word, dt = 8 // bits, packed, np.uint8
-    elif bits == 3:  # 3 bytes -> one 24-bit word, summed exactly in fp32 (< 2**24) by a MatMul
-        k, dt = 8, np.uint32
-        groups = e.op("Cast", e.op("Reshape", packed, e.i64(0, 0, 0, -1, bits)), to=F32)
-        word = e.op("MatMul", groups, e.const([[1.0], [256.0], [65536.0]], np.float32))
-        word = e.op("Cast", e.op("Squeeze", word, e.i64(-1)), to=TensorProto.UINT32)
-    else:  # 5 and 6 bytes: a 40/48-bit word (beyond fp32's exact range) by shifts
-        k = 8
-        groups = e.op("Reshape", packed, e.i64(0, 0, 0, -1, bits))
-        word, dt = _word(e, e.op("Split", groups, axis=-1, num_outputs=bits, n_out=bits))
-        word = e.op("Squeeze", word, e.i64(-1))
-    shifts = e.const((np.arange(k) * bits).reshape(k, 1, 1, 1, 1), dt)
-    codes = e.op("BitShift", e.op("Unsqueeze", word, e.i64(0)), shifts, direction="RIGHT")
-    codes = e.op("BitwiseAnd", codes, e.const(mask, dt))
-    codes = e.op("Transpose", codes, perm=[1, 2, 3, 4, 0])  # [1,H,W,units,k]
-    return e.op("Reshape", codes, e.i64(0, 0, 0, n))
+    """Value codes [1,H,W,n*bits/8] -> fp32 [1,H,W,n]."""
+    return unpack(e, packed, bits, rank=4)
 
 
 def pack(e: Emitter, codes: str, bits: int, rank: int) -> str:
     """uint8 codes [..., n] (n % 8 == 0, known rank) -> packed uint8 [..., n*bits/8].
-    Eight codes fill `bits` bytes: sum code_i << (i*bits) in int64 (bits never overlap,
-    so the sum is an OR), then split the word into its bytes."""
+    Eight codes fill `bits` bytes: sum code_i * 2**(i*bits) in int64 (bits never overlap,
+    so the sum is an OR), then byte j = word // 256**j % 256 (int64 Div and Mod, which
+    CUDA has kernels for, unlike BitShift)."""
     if bits == 8:
         return codes
     keep = [0] * (rank - 1)
@@ -143,10 +126,8 @@ def pack(e: Emitter, codes: str, bits: int, rank: int) -> str:
     weights = e.const(1 << (np.arange(8) * bits), np.int64)
     word = e.op("ReduceSum", e.op("Mul", e.op("Cast", groups, to=TensorProto.INT64), weights),
                 e.i64(-1), keepdims=1)
-    word = e.op("Cast", word, to=TensorProto.UINT64)
-    byte = e.op("BitShift", word, e.const(np.arange(bits) * 8, np.uint64), direction="RIGHT")
-    byte = e.op("Cast", e.op("BitwiseAnd", byte, e.const(255, np.uint64)), to=TensorProto.UINT8)
-    return e.op("Reshape", byte, e.i64(*keep, -1))
+    byte = e.op("Mod", e.op("Div", word, e.const(256 ** np.arange(bits), np.int64)), e.const(256, np.int64))
+    return e.op("Reshape", e.op("Cast", byte, to=TensorProto.UINT8), e.i64(*keep, -1))
 
 
 # ---- quantization (edgekv.quant) --------------------------------------------------------
@@ -338,7 +319,7 @@ def _ring_keys(e: Emitter, bits: int, head_dim: int, block: int, meta: str = "fp
     """Ring keys in slot order, fp32 [1,H,W,D] (pre-RoPE)."""
     if bits == 16:
         return e.op("Reshape", e.op("Cast", "ring_k", to=F32), e.i64(0, 0, -1, head_dim))
-    codes = e.op("Cast", unpack_rows(e, "ring_k_codes", bits, block, head_dim), to=F32)
+    codes = unpack_rows(e, "ring_k_codes", bits, block, head_dim)
     axis = e.i64(-2)
     if meta == "u8":  # scale/zero codes [1,H,nblk,D], meta [1,H,nblk,3]
         scale, zero = _decode_u8(e, "ring_k_scale", "ring_k_zero", "ring_k_meta")
@@ -354,7 +335,7 @@ def _ring_values(e: Emitter, bits: int, head_dim: int, group: int, block: int = 
     if bits == 16:
         return e.op("Cast", "ring_v", to=F32)
     codes = unpack_last(e, "ring_v_codes", bits, head_dim)
-    codes = e.op("Cast", e.op("Reshape", codes, e.i64(0, 0, 0, head_dim // group, group)), to=F32)
+    codes = e.op("Reshape", codes, e.i64(0, 0, 0, head_dim // group, group))
     axis = e.i64(-1)
     if meta == "u8":  # codes per token [1,H,W,D/G]; meta per block [1,H,nblk,3]
         per_block = e.i64(0, 0, -1, block, head_dim // group)

@@ -103,6 +103,15 @@ def test_gguf_weights_track_reference(smollm2, smol_bundle):
     assert all(m < NEAR_TIE for _, m in missed)
 
 
+def test_gguf_bundle_has_a_cuda_kernel_for_every_node(smol_bundle):
+    """The shipped weight format (MatMulNBits, 8-bit embedding blocks) and every graph of
+    a 3-bit bundle stay on onnxruntime's CUDA provider (export/cuda_coverage.py)."""
+    from edgekv.export.cuda_coverage import bundle_fallbacks
+
+    found = bundle_fallbacks(smol_bundle(3, "gguf"))
+    assert len(found) == 3 and {g: dict(m) for g, m in found.items() if m} == {}
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "gguf"])
 def test_torch_free_process_memory_below_plan(smol_bundle, dtype):
     path = smol_bundle(3, dtype)
