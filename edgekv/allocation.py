@@ -134,3 +134,23 @@ def shrink(sens: Sensitivity, alpha: float) -> Sensitivity:
         return tuple(tuple(math.exp(m + alpha * (x - m)) for x, m in zip(r, mean)) for r in logs)
 
     return Sensitivity(sens.widths, side(sens.key), side(sens.value), {**sens.meta, "shrink": alpha})
+
+
+def average_for_fp16_ratio(base, shape, ratio: float) -> float:
+    """The largest average code width (whole bits summed over the 2L sides) whose whole
+    cache -- sinks, ring with scale/zero, residual -- is at most `ratio` times the same
+    geometry in fp16. `base` (a CachePolicy) fixes the geometry; bytes are affine in the
+    summed widths (metadata does not depend on the width), so two uniform policies give
+    the line. Raises PolicyError when not even 1 bit everywhere fits."""
+    n = base.num_layers
+    sides = 2 * n
+    lo, hi = min(WIDTHS), max(WIDTHS)
+    at = {w: replace(base, bits_k=(w,) * n, bits_v=(w,) * n).total_bytes(shape) for w in (lo, hi)}
+    per_width = (at[hi] - at[lo]) / ((hi - lo) * sides)  # bytes per unit of summed width
+    budget = ratio * base.fp16_equivalent().total_bytes(shape)
+    if budget < at[lo]:
+        raise PolicyError(f"a cache of {ratio:g}x fp16 is below what {lo} bit everywhere needs at this "
+                          f"geometry ({at[lo] / base.fp16_equivalent().total_bytes(shape):.3f}x: sinks, "
+                          f"residual and scale/zero are fixed); raise the ratio or shrink the residual")
+    summed = min(lo * sides + math.floor((budget - at[lo]) / per_width + 1e-9), hi * sides)
+    return summed / sides

@@ -184,10 +184,15 @@ def _add_export(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'default'")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
-    p.add_argument("--bits", type=float, default=3.0,
-                   help="average code width of the cache: calibrated, any value in [1, 8] "
-                        "(e.g. 2.5); uniform, 1-6 or 8, or halfway between two (2.5 = K3/V2); "
-                        "16: fp16")
+    p.add_argument("--bits", type=float,
+                   help="average code width of the cache (3 unless --kv-ratio is given): "
+                        "calibrated, any value in [1, 8] (e.g. 2.5); uniform, 1-6 or 8, or halfway "
+                        "between two (2.5 = K3/V2); 16: fp16")
+    p.add_argument("--kv-ratio", type=float,
+                   help="instead of --bits: a memory budget for the whole cache as a fraction of "
+                        "the fp16 cache at the same window (sinks, scale/zero and the fp16 residual "
+                        "included), e.g. 0.23; export calibrates the largest average code width "
+                        "that fits (calibrated layout only)")
     _add_layout_arg(p)
     p.add_argument("--bits-k", type=int, help="key width in every layer (overrides --bits)")
     p.add_argument("--bits-v", type=int, help="value width in every layer (overrides --bits)")
@@ -220,6 +225,9 @@ def _export_policy(args, num_layers: int, loaded=None):
 
     common = dict(window=args.window, sinks=args.sinks, block=args.block, group=args.group,
                   positions=args.positions, rotation=args.rotation, meta=args.meta)
+    if args.kv_ratio is not None and not (0 < args.kv_ratio <= 1 and _calibrated(args)):
+        raise EdgekvError(f"--kv-ratio {args.kv_ratio:g} must lie in (0, 1] and needs the calibrated "
+                          f"layout (no --bits-layout uniform, --bits-k/-v, --layer-bits or --bits 16)")
     if args.layer_bits:
         if len(args.layer_bits) != num_layers or any(len(x) != 2 for x in args.layer_bits):
             raise EdgekvError(f"--layer-bits needs {num_layers} K:V pairs (one per layer), "
@@ -232,8 +240,13 @@ def _export_policy(args, num_layers: int, loaded=None):
             pair = _uniform_pair(args.bits)
             bk, bv = bk or pair[0], bv or pair[1]
         return CachePolicy.uniform(num_layers, bits_k=bk, bits_v=bv, **common), None
-    _check_target(args.bits)
     base = CachePolicy.uniform(num_layers, 2, **common)
+    if args.kv_ratio is not None and loaded is not None:
+        from edgekv.allocation import average_for_fp16_ratio
+        from edgekv.reference.model import kv_shape
+
+        args.bits = average_for_fp16_ratio(base, kv_shape(loaded.model.config), args.kv_ratio)
+    _check_target(args.bits)
     if loaded is None:
         return base, None
     from edgekv.calibration import calibrated_policy
@@ -252,6 +265,9 @@ def _run_export(args) -> int:
 
     from edgekv.export.bundle import ExportOptions, bundle_size, check_output_path
 
+    if args.bits is not None and args.kv_ratio is not None:
+        raise EdgekvError("--kv-ratio chooses the average code width: give it or --bits, not both")
+    args.bits = 3.0 if args.bits is None else args.bits
     out = Path(args.output)
     check_output_path(out, args.force)
     _export_policy(args, 1 if not args.layer_bits else len(args.layer_bits))  # fail fast, no model
@@ -300,6 +316,9 @@ def _run_export(args) -> int:
         from edgekv.runtime.planner import layer_bits
 
         cal = allocation["calibration"]
+        if args.kv_ratio is not None:
+            print(f"--kv-ratio {args.kv_ratio:g}: the largest average code width that fits is "
+                  f"{args.bits:.4g} bits")
         print(f"calibrated bits: average {allocation['average_bits']:.2f} code bits "
               f"({allocation['bits_per_element_with_metadata']:.2f} with scale/zero), "
               f"{layer_bits(policy)}; predicted Δppl {allocation['predicted_delta_ppl_pct']:+.2f} % "

@@ -93,3 +93,34 @@ def test_restricted_sensitivity_is_the_same_measurement_at_fewer_widths():
     bits_k, bits_v = (1, 3, 8), (4, 2, 2)
     assert r.predicted_loss(bits_k, bits_v) == sens.predicted_loss(bits_k, bits_v)
     assert all(b not in (5, 6) for b in allocate(r, 4.5).bits_k + allocate(r, 4.5).bits_v)
+
+
+@pytest.mark.parametrize("meta", ["u8", "fp16"])
+def test_average_for_a_fp16_ratio_is_the_largest_that_fits(meta):
+    """Against brute force over every summed width: the cache of any allocation with the
+    returned average fits the ratio, and one more bit anywhere does not."""
+    from dataclasses import replace
+
+    from edgekv.allocation import average_for_fp16_ratio
+    from edgekv.policy import CachePolicy, KVShape
+
+    shape = KVShape(3, 2, 64)
+    base = CachePolicy.uniform(3, 2, window=1024, sinks=4, block=32, group=32, meta=meta)
+    fp16 = base.fp16_equivalent().total_bytes(shape)
+    rng = random.Random(0)
+    for ratio in (0.2, 0.23, 0.3, 0.5, 0.9):
+        avg = average_for_fp16_ratio(base, shape, ratio)
+        summed = round(avg * 6)
+        assert avg * 6 == pytest.approx(summed) and 1 <= avg <= 8
+
+        def fits(total: int) -> bool:  # a random layout with this summed width
+            widths = next(w for w in ([rng.choice(WIDTHS) for _ in range(6)] for _ in range(10**5))
+                          if sum(w) == total)
+            policy = replace(base, bits_k=tuple(widths[:3]), bits_v=tuple(widths[3:]))
+            return policy.total_bytes(shape) <= ratio * fp16
+
+        assert all(fits(summed) for _ in range(5))
+        if avg < 8:
+            assert not fits(summed + 1)
+    with pytest.raises(PolicyError, match="below what 1 bit everywhere needs"):
+        average_for_fp16_ratio(base, shape, 0.1)

@@ -191,6 +191,28 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
 
 
 
+def test_export_kv_ratio_fits_the_cache_to_a_fraction_of_fp16(tiny_model_dir, tmp_path, capsys):
+    from edgekv.allocation import average_for_fp16_ratio
+    from edgekv.cli import main
+    from edgekv.policy import CachePolicy, KVShape
+
+    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
+    out = tmp_path / "ratio"
+    assert main(["export", str(tiny_model_dir), "-o", str(out), "--kv-ratio", "0.4", *args]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8")
+    want = average_for_fp16_ratio(base, KVShape(2, 2, 16), 0.4)
+    assert 1 < want < 8 and m["allocation"]["target_bits"] == pytest.approx(want)
+    assert m["cache"]["fp16_ratio"] <= 0.4 and m["policy"]["average_bits"] <= want
+    assert f"the largest average code width that fits is {want:.4g} bits" in capsys.readouterr().out
+    for bad, msg in ((["--kv-ratio", "0.4", "--bits", "3"], "not both"),
+                     (["--kv-ratio", "0.4", "--bits-layout", "uniform"], "needs the calibrated layout"),
+                     (["--kv-ratio", "1.5"], "must lie in (0, 1]"),
+                     (["--kv-ratio", "0.05"], "below what 1 bit everywhere needs")):
+        assert main(["export", str(tiny_model_dir), "-o", str(tmp_path / "bad"), *bad, *args]) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_sampled_fisher_is_the_expected_squared_gradient(tiny_model):
     """For the last layer, position t's attention output reaches only logits t, so the true
     Fisher there is exactly sum_y p_t(y) * (J_t^T (p_t - e_y))^2; the sampled estimate must
