@@ -103,13 +103,13 @@ def unpack(e: Emitter, packed: str, bits: int, rank: int) -> str:
     return e.op("Reshape", e.op("MatMul", whole, e.const(diff)), e.i64(*keep, -1))
 
 
-def unpack_rows(e: Emitter, packed: str, bits: int, block: int, head_dim: int) -> str:
+def unpack_rows(e: Emitter, packed: str, bits: int) -> str:
     """Key codes [1,H,nblk,D,B*bits/8] -> fp32 [1,H,nblk,B,D]: each channel's B tokens
     are unpacked along the last axis as one long GEMM, then tokens and channels swap."""
     return e.op("Transpose", unpack(e, packed, bits, rank=5), perm=[0, 1, 2, 4, 3])
 
 
-def unpack_last(e: Emitter, packed: str, bits: int, n: int) -> str:
+def unpack_last(e: Emitter, packed: str, bits: int) -> str:
     """Value codes [1,H,W,n*bits/8] -> fp32 [1,H,W,n]."""
     return unpack(e, packed, bits, rank=4)
 
@@ -315,11 +315,11 @@ def _rope(e: Emitter, x: str, cos: str, sin: str) -> str:
     return e.op("Add", e.op("Mul", x, cos), e.op("Mul", rot, sin))
 
 
-def _ring_keys(e: Emitter, bits: int, head_dim: int, block: int, meta: str = "fp16") -> str:
+def _ring_keys(e: Emitter, bits: int, head_dim: int, meta: str = "fp16") -> str:
     """Ring keys in slot order, fp32 [1,H,W,D] (pre-RoPE)."""
     if bits == 16:
         return e.op("Reshape", e.op("Cast", "ring_k", to=F32), e.i64(0, 0, -1, head_dim))
-    codes = unpack_rows(e, "ring_k_codes", bits, block, head_dim)
+    codes = unpack_rows(e, "ring_k_codes", bits)
     axis = e.i64(-2)
     if meta == "u8":  # scale/zero codes [1,H,nblk,D], meta [1,H,nblk,3]
         scale, zero = _decode_u8(e, "ring_k_scale", "ring_k_zero", "ring_k_meta")
@@ -334,7 +334,7 @@ def _ring_values(e: Emitter, bits: int, head_dim: int, group: int, block: int = 
     """Ring values in slot order, fp32 [1,H,W,D]."""
     if bits == 16:
         return e.op("Cast", "ring_v", to=F32)
-    codes = unpack_last(e, "ring_v_codes", bits, head_dim)
+    codes = unpack_last(e, "ring_v_codes", bits)
     codes = e.op("Reshape", codes, e.i64(0, 0, 0, head_dim // group, group))
     axis = e.i64(-1)
     if meta == "u8":  # codes per token [1,H,W,D/G]; meta per block [1,H,nblk,3]
@@ -371,7 +371,7 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     n_rep = num_heads // num_kv_heads
     rot_k, rot_v = rotate and bits_k != 16, rotate and bits_v != 16
     h = _hadamard(e, head_dim) if rot_k or rot_v else None
-    ring_k = _ring_keys(e, bits_k, head_dim, block, meta)
+    ring_k = _ring_keys(e, bits_k, head_dim, meta)
     if rot_k:
         ring_k = e.op("MatMul", ring_k, h)
     keys = e.op("Concat", e.op("Cast", "sink_k", to=F32), ring_k,

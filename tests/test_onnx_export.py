@@ -86,8 +86,8 @@ def test_unpack_matches_packing_reference(bits):
     rng = np.random.default_rng(bits)
     key_codes = rng.integers(0, 1 << bits, (1, 2, 3, d, b), dtype=np.uint8)  # [1,H,nblk,D,B]
     val_codes = rng.integers(0, 1 << bits, (1, 2, 40, d), dtype=np.uint8)  # [1,H,W,D]
-    for fn, codes, expect in ((lambda e: unpack_rows(e, "x", bits, b, d), key_codes, np.swapaxes(key_codes, -1, -2)),
-                              (lambda e: unpack_last(e, "x", bits, d), val_codes, val_codes)):
+    for fn, codes, expect in ((lambda e: unpack_rows(e, "x", bits), key_codes, np.swapaxes(key_codes, -1, -2)),
+                              (lambda e: unpack_last(e, "x", bits), val_codes, val_codes)):
         e = Emitter()
         e.op("Identity", fn(e), out="y")
         packed = pack(codes, bits)
