@@ -49,6 +49,10 @@ def _add_eval(sub) -> None:
                    help="average code widths to evaluate, comma-separated (16: fp16); calibrated: "
                         "any value in [1, 8] such as 2.5; uniform: 1-6 or 8, or halfway between "
                         "two widths (2.5 = K3/V2)")
+    p.add_argument("--kv-ratio", type=_float_list, default=[],
+                   help="add calibrated settings by memory instead: for each fraction of the fp16 "
+                        "cache (e.g. 0.23), the largest average code width whose whole cache fits, "
+                        "as `edgekv export --kv-ratio` picks it")
     _add_layout_arg(p)
     p.add_argument("--bits-k", type=int, help="add one uniform setting with this key width ...")
     p.add_argument("--bits-v", type=int, help="... and this value width")
@@ -85,6 +89,10 @@ def _run_eval(args) -> int:
             settings.append(EvalSetting(2, 2, *geometry, calibrated=b))
         else:
             settings.append(EvalSetting(*_uniform_pair(b), *geometry))
+    for r in dict.fromkeys(args.kv_ratio):
+        if not 0 < r <= 1 or args.bits_layout != "calibrated":
+            raise EdgekvError(f"--kv-ratio {r:g} must lie in (0, 1] and needs the calibrated layout")
+        settings.append(EvalSetting(2, 2, *geometry, kv_ratio=r))
     if args.bits_k is not None or args.bits_v is not None:
         first = _uniform_pair(args.bits[0]) if args.bits else (3, 3)
         settings.append(EvalSetting(args.bits_k or first[0], args.bits_v or first[1], *geometry))

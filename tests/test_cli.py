@@ -69,6 +69,17 @@ def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
     assert row["predicted_delta_pct"] is not None
 
 
+def test_eval_kv_ratio_evaluates_what_export_would_pick(tmp_path, tiny_model_dir):
+    from edgekv.allocation import average_for_fp16_ratio
+    from edgekv.policy import CachePolicy, KVShape
+
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "16", "--kv-ratio", "0.4")
+    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8")
+    assert row["setting"] == "calibrated 0.4x fp16 W64 hadamard meta u8"
+    assert row["fp16_ratio"] <= 0.4 and row["average_bits"] <= average_for_fp16_ratio(base, KVShape(2, 2, 16), 0.4)
+    assert main(["eval", str(tiny_model_dir), "--kv-ratio", "0.4", "--bits-layout", "uniform"]) == 2
+
+
 def test_eval_clip_none_keeps_min_max_grids(tmp_path, tiny_model_dir):
     row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "2", "--clip", "none")
     assert row["setting"].endswith(" min/max") and row["clip"] == []

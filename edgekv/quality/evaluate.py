@@ -4,7 +4,7 @@ settings of one model, with the fp16 cache of the same window as the reference r
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from edgekv.policy import CachePolicy
 from edgekv.quality.passkey import passkey
@@ -26,6 +26,7 @@ class EvalSetting:
     clip: bool = True  # calibrated settings: calibrate range clipping too (edgekv.clipping)
     feedback: bool = True  # calibrated settings: round keys query-aware (edgekv.key_feedback)
     calibrated: float | None = None  # average code width: per-layer bits from calibration
+    kv_ratio: float | None = None  # instead: the widest calibrated average within this x fp16
 
     @property
     def label(self) -> str:
@@ -34,8 +35,9 @@ class EvalSetting:
             w += f" {self.rotation}"
         if self.meta != "fp16" and not self.bits_k == self.bits_v == 16:
             w += f" meta {self.meta}"
-        if self.calibrated is not None:
-            return (f"calibrated {self.calibrated:g}-bit {w}" + ("" if self.clip else " min/max")
+        if self.calibrated is not None or self.kv_ratio is not None:
+            what = f"{self.calibrated:g}-bit" if self.kv_ratio is None else f"{self.kv_ratio:g}x fp16"
+            return (f"calibrated {what} {w}" + ("" if self.clip else " min/max")
                     + ("" if self.feedback else " nearest"))
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
             f"{self.bits_k}-bit" if self.bits_k == self.bits_v else f"K{self.bits_k}/V{self.bits_v}")
@@ -96,6 +98,10 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
     for s in settings:
         sens_used = None
         policy = s.policy(shape.num_layers)
+        if s.kv_ratio is not None:  # the model's shape decides what fits
+            from edgekv.allocation import average_for_fp16_ratio
+
+            s = replace(s, calibrated=average_for_fp16_ratio(policy, shape, s.kv_ratio))
         if s.calibrated is not None:
             policy, sens_used = calibrated_setting(model, tokenizer, s, shape.num_layers, sens)
             run_eval.calibration[s.label] = sens_used.meta
