@@ -147,10 +147,11 @@ def average_for_fp16_ratio(base, shape, ratio: float) -> float:
     lo, hi = min(WIDTHS), max(WIDTHS)
     at = {w: replace(base, bits_k=(w,) * n, bits_v=(w,) * n).total_bytes(shape) for w in (lo, hi)}
     per_width = (at[hi] - at[lo]) / ((hi - lo) * sides)  # bytes per unit of summed width
-    budget = ratio * base.fp16_equivalent().total_bytes(shape)
+    fp16 = base.fp16_equivalent().total_bytes(shape)
+    budget = ratio * fp16
     if budget < at[lo]:
         raise PolicyError(f"a cache of {ratio:g}x fp16 is below what {lo} bit everywhere needs at this "
-                          f"geometry ({at[lo] / base.fp16_equivalent().total_bytes(shape):.3f}x: sinks, "
+                          f"geometry ({at[lo] / fp16:.3f}x: sinks, "
                           f"residual and scale/zero are fixed); raise the ratio or shrink the residual")
     summed = min(lo * sides + math.floor((budget - at[lo]) / per_width + 1e-9), hi * sides)
     return summed / sides

@@ -60,9 +60,8 @@ _BOOL_OUT = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And",
 
 
 def _dtype(elem_type: int) -> str:
-    names = {TensorProto.FLOAT: "float", TensorProto.FLOAT16: "float16", TensorProto.DOUBLE: "double",
-             TensorProto.BFLOAT16: "bfloat16", TensorProto.BOOL: "bool"}
-    return names.get(elem_type) or TensorProto.DataType.Name(elem_type).lower()
+    """onnx's element type name as the kernel table writes it (FLOAT16 -> "float16")."""
+    return TensorProto.DataType.Name(elem_type).lower()
 
 
 class _Types:
