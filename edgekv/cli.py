@@ -79,7 +79,7 @@ def _run_eval(args) -> int:
 
     text, source = read_text(args.text)
     geometry = (args.window, args.sinks, args.block, args.group, args.positions, args.rotation, args.meta,
-                args.clip == "calibrated", args.key_rounding == "feedback")
+                args.residual, args.clip == "calibrated", args.key_rounding == "feedback")
     settings = [EvalSetting(16, 16, *geometry)]
     for b in dict.fromkeys(args.bits):
         if b == 16:
@@ -179,6 +179,10 @@ def _add_policy_args(p) -> None:
                         "group = 32). On SmolLM2 u8 costs 4-12 %% KL at equal code widths and wins "
                         "at equal bytes (--bits 3.5 u8 vs --bits 3 fp16: same memory, -54 %% KL); a "
                         "3-bit cache is 0.247x of fp16 with u8, 0.275x with fp16 (W1024)")
+    p.add_argument("--residual", choices=["u8", "fp16"], default="fp16",
+                   help="storage of the sinks and the residual (the newest --block tokens): u8, "
+                        "8-bit codes per token with an fp16 scale and zero per --group channels "
+                        "(9 bits per element at group 32); fp16")
 
 
 def _add_export(sub) -> None:
@@ -232,7 +236,7 @@ def _export_policy(args, num_layers: int, loaded=None):
     from edgekv.policy import CachePolicy
 
     common = dict(window=args.window, sinks=args.sinks, block=args.block, group=args.group,
-                  positions=args.positions, rotation=args.rotation, meta=args.meta)
+                  positions=args.positions, rotation=args.rotation, meta=args.meta, residual=args.residual)
     if args.kv_ratio is not None and not (0 < args.kv_ratio <= 1 and _calibrated(args)):
         raise EdgekvError(f"--kv-ratio {args.kv_ratio:g} must lie in (0, 1] and needs the calibrated "
                           f"layout (no --bits-layout uniform, --bits-k/-v, --layer-bits or --bits 16)")

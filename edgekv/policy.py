@@ -1,6 +1,8 @@
 """The cache policy and its exact byte accounting (DESIGN.md "The cache policy").
 
-Per layer and KV head the cache is [sinks S fp16][ring W tokens, b-bit][residual B fp16].
+Per layer and KV head the cache is [sinks S][ring W tokens, b-bit][residual B], sinks and
+residual in fp16 or, with residual "u8", in 8-bit codes per token with an fp16 scale/zero
+per group (edgekv.quant.quantize_values at 8 bits).
 Every tensor a backend allocates is listed by `layer_tensors`; bytes are computed from
 the policy alone, so what is reported is what is allocated.
 """
@@ -19,6 +21,13 @@ SUPPORTED_BITS = (*PACKED_BITS, 16)  # 16: the ring stays fp16
 PositionMode = Literal["cache", "original"]
 ROTATIONS = ("none", "hadamard")
 METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)
+RESIDUALS = ("fp16", "u8")  # storage of the sinks and the residual (CachePolicy.residual)
+
+
+def plain_names(name: str, residual: str) -> list[str]:
+    """The buffers that hold sink/residual tensor `name` ("sink_k", ..., or a graph's "k"):
+    itself in fp16, or with residual "u8" its 8-bit codes, name_scale and name_zero."""
+    return [name] if residual == "fp16" else [name, f"{name}_scale", f"{name}_zero"]
 
 
 def quantized_parts(meta: str) -> tuple[str, ...]:
@@ -61,7 +70,10 @@ class CachePolicy:
     edgekv.meta_u8), and `clip`: (side "k"/"v", width, ratio) entries that narrow each
     group's quantization range to `ratio` of its span (edgekv.clipping; absent: 1), and
     `key_feedback`: per-layer step matrices that round keys query-aware instead of to the
-    nearest code (edgekv.key_feedback; None: nearest)."""
+    nearest code (edgekv.key_feedback; None: nearest), and `residual`: how the sinks and
+    the residual are stored ("fp16", or "u8": per token 8-bit codes with an fp16 scale and
+    zero per group of G channels, 8 + 32/G bits per element; new tokens are rounded that way
+    before attention sees them)."""
 
     bits_k: tuple[int, ...]
     bits_v: tuple[int, ...]
@@ -74,6 +86,7 @@ class CachePolicy:
     meta: str = "fp16"
     clip: tuple[tuple[str, int, float], ...] = ()
     key_feedback: KeyFeedback | None = None
+    residual: str = "fp16"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
@@ -124,6 +137,8 @@ class CachePolicy:
             raise PolicyError(f"positions must be 'cache' or 'original', got {self.positions!r}")
         if self.rotation not in ROTATIONS:
             raise PolicyError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.residual not in RESIDUALS:
+            raise PolicyError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         if self.meta not in METAS:
             raise PolicyError(f"meta must be one of {METAS}, got {self.meta!r}")
         seen = set()
@@ -174,10 +189,8 @@ class CachePolicy:
         bk, bv = self.bits_k[layer], self.bits_v[layer]
         pre = (batch, h)
         md = "uint8" if self.meta == "u8" else "float16"
-        t = [TensorSpec("sink_k", (*pre, self.sinks, d), "float16"),
-             TensorSpec("sink_v", (*pre, self.sinks, d), "float16"),
-             TensorSpec("residual_k", (*pre, b, d), "float16"),
-             TensorSpec("residual_v", (*pre, b, d), "float16")]
+        t = [spec for part, n in (("sink", self.sinks), ("residual", b)) for side in "kv"
+             for spec in self.plain_tensors(f"{part}_{side}", (*pre, n, d))]
         if bk == 16:
             t.append(TensorSpec("ring_k", (*pre, nblk, b, d), "float16"))
         else:
@@ -196,6 +209,16 @@ class CachePolicy:
                 t.append(TensorSpec("ring_v_meta", (*pre, nblk, META_FIELDS), "float16"))
         return t
 
+    def plain_tensors(self, name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+        """A sink or residual buffer [..., T, D]: fp16, or with residual "u8" the codes plus
+        an fp16 scale and zero per group of G channels (named name_scale, name_zero)."""
+        if self.residual == "fp16":
+            return [TensorSpec(name, shape, "float16")]
+        codes, scale, zero = plain_names(name, self.residual)
+        groups = (*shape[:-1], shape[-1] // self.group)
+        return [TensorSpec(codes, shape, "uint8"), TensorSpec(scale, groups, "float16"),
+                TensorSpec(zero, groups, "float16")]
+
     def layer_bytes(self, shape: KVShape, layer: int, context: int | None = None) -> int:
         return sum(t.nbytes for t in self.layer_tensors(shape, layer, context))
 
@@ -204,9 +227,9 @@ class CachePolicy:
         return sum(self.layer_bytes(shape, i, context) for i in range(self.num_layers))
 
     def fp16_equivalent(self) -> "CachePolicy":
-        """The same geometry with an unquantized fp16 ring: the baseline for ratios."""
+        """The same geometry all in fp16 (ring, sinks, residual): the baseline for ratios."""
         n = self.num_layers
-        return replace(self, bits_k=(16,) * n, bits_v=(16,) * n)
+        return replace(self, bits_k=(16,) * n, bits_v=(16,) * n, residual="fp16")
 
     def fp16_ratio(self, shape: KVShape, context: int | None = None) -> float:
         return self.total_bytes(shape, context) / self.fp16_equivalent().total_bytes(shape, context)
@@ -241,4 +264,6 @@ class CachePolicy:
         meta = "" if self.meta == "fp16" else f" meta={self.meta}"
         clip = "" if not self.clip else " clip=" + ",".join(f"{s}{b}:{r:g}" for s, b, r in self.clip)
         fb = "" if self.key_feedback is None else " keys=feedback"
-        return f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}{rot}{meta}{clip}{fb}"
+        res = "" if self.residual == "fp16" else f" residual={self.residual}"
+        return (f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}"
+                f"{rot}{meta}{clip}{fb}{res}")

@@ -2,8 +2,8 @@
 
 Emitted straight from the model's weights (fp32 initializers) with onnx.helper: no
 tracing, so a 135M model builds in seconds. The graph mirrors ReferenceModel._segment:
-new K/V are rounded to fp16 (they are also outputs the runtime writes into its residual
-or sink buffers), attention over [sinks | ring in slot order | residual | new tokens] is
+new K/V are rounded as the sinks/residual store them (fp16, or 8-bit codes with
+policy.residual "u8"; these are outputs the runtime writes into those buffers), attention over [sinks | ring in slot order | residual | new tokens] is
 the `edgekv` CompressedAttention function, and only the last token's logits are made.
 
 Host-side contract (batch 1): the runtime passes the RoPE position and validity of every
@@ -23,11 +23,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekv.errors import UnsupportedModelError
-from edgekv.export.onnx_ops import (
-    DOMAIN, F16, F32, Emitter, attention_function, attention_inputs, attention_name, opset_imports,
-)
+from edgekv.export.onnx_attention import attention_function, attention_inputs, attention_name
+from edgekv.export.onnx_ops import DOMAIN, F16, F32, Emitter, opset_imports
 from edgekv.export.onnx_pack import IR_VERSION
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.export.onnx_plain import plain_types, read_plain, store_new
+from edgekv.policy import CachePolicy, KVShape, plain_names
 from edgekv.reference.model import check_supported, kv_shape
 
 _ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}
@@ -123,20 +123,25 @@ def build_decoder(model, policy: CachePolicy, tokens: int, context: int | None =
             return e.op("Transpose", e.op("Reshape", y, e.i64(1, t, n, d)), perm=[0, 2, 1, 3])
 
         q = heads("q_proj", hq)
-        # The fp16 rounding the residual buffer applies, seen by attention right away.
-        k16 = e.op("Cast", heads("k_proj", hkv), to=F16, out=f"new.{i}.k")
-        v16 = e.op("Cast", heads("v_proj", hkv), to=F16, out=f"new.{i}.v")
-        new_outputs += [helper.make_tensor_value_info(n, F16, [1, hkv, t, d]) for n in (k16, v16)]
+        # New K/V rounded as the sinks/residual store them (the outputs the runtime writes
+        # there), seen by attention right away.
+        res, g = policy.residual, policy.group
+        new_kv = []
+        for side, proj in (("k", "k_proj"), ("v", "v_proj")):
+            names = plain_names(f"new.{i}.{side}", res)
+            stored = store_new(e, e.op("Cast", heads(proj, hkv), to=F16), res, g, names)
+            new_kv.append(read_plain(e, stored, res, g, d))
+            new_outputs += [helper.make_tensor_value_info(n, dt, [1, hkv, t, d if n == names[0] else d // g])
+                            for n, dt in zip(names, plain_types(res))]
         bk, bv = policy.bits_k[i], policy.bits_v[i]
         rotate = policy.rotation == "hadamard"
-        name = attention_name(bk, bv, rotate, policy.meta)
+        name = attention_name(bk, bv, rotate, policy.meta, res)
         if name not in functions:
             functions[name] = attention_function(bk, bv, num_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                                 block=policy.block, group=policy.group, rotate=rotate,
-                                                 meta=policy.meta)
-        cache = [f"past.{i}.{n}" for n in attention_inputs(bk, bv, policy.meta)[8:]]
-        o = e.op(name, q, e.op("Cast", k16, to=F32), e.op("Cast", v16, to=F32),
-                 cos, sin, cos_q, sin_q, mask, *cache, domain=DOMAIN)
+                                                 block=policy.block, group=g, rotate=rotate,
+                                                 meta=policy.meta, residual=res)
+        cache = [f"past.{i}.{n}" for n in attention_inputs(bk, bv, policy.meta, res)[8:]]
+        o = e.op(name, q, *new_kv, cos, sin, cos_q, sin_q, mask, *cache, domain=DOMAIN)
         o = e.op("Reshape", e.op("Transpose", o, perm=[0, 2, 1, 3]), e.i64(t, hq * d))
         h = e.op("Add", h, _linear(e, w, o, attn.o_proj, f"{p}.self_attn.o_proj"))
 

@@ -1,4 +1,6 @@
-"""Compressed-cache operators as ONNX functions in the `edgekv` domain (DESIGN.md "Graphs").
+"""Compressed-cache operators as ONNX functions in the `edgekv` domain (DESIGN.md "Graphs"):
+packing, unpacking and quantization here; the attention over a layer's cache in
+export/onnx_attention.py, the sinks/residual formats in export/onnx_plain.py.
 
 Each function body is made of standard ONNX ops (opset 18), so any runtime inlines and
 runs it as is; a faster backend may match the function name and substitute a kernel.
@@ -10,8 +12,6 @@ fp32, quantize with the fp16-rounded scale/zero, Round (half to even), then Clip
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import onnx
@@ -288,110 +288,3 @@ def quantize_values_function(bits: int, group: int, rotate_dim: int = 0, meta: s
     _outputs(e, parts, (codes, *stored))
     return helper.make_function(DOMAIN, f"QuantizeValues_b{bits}_g{group}{_suffix(bool(rotate_dim), meta, clip)}",
                                 ["x"], list(parts), e.nodes, [helper.make_opsetid("", OPSET)])
-
-
-# ---- compressed attention ----------------------------------------------------------------
-def ring_names(bits: int, side: str, meta: str = "fp16") -> list[str]:
-    """The ring buffers of one side as CachePolicy.layer_tensors names them."""
-    return [f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in quantized_parts(meta)]
-
-
-def attention_inputs(bits_k: int, bits_v: int, meta: str = "fp16") -> list[str]:
-    return (["q", "k", "v", "cos_k", "sin_k", "cos_q", "sin_q", "mask",
-             "sink_k", "sink_v", "residual_k", "residual_v"]
-            + ring_names(bits_k, "k", meta) + ring_names(bits_v, "v", meta))
-
-
-def attention_name(bits_k: int, bits_v: int, rotate: bool = False, meta: str = "fp16") -> str:
-    """rotate: the policy rotates quantized blocks (a 16/16 layer has none to un-rotate)."""
-    quantized = bits_k != 16 or bits_v != 16
-    return f"CompressedAttention_k{bits_k}_v{bits_v}{_suffix(rotate and quantized, meta if quantized else 'fp16')}"
-
-
-def _rope(e: Emitter, x: str, cos: str, sin: str) -> str:
-    """x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1) (the HF convention)."""
-    x1, x2 = e.op("Split", x, axis=-1, num_outputs=2, n_out=2)
-    rot = e.op("Concat", e.op("Neg", x2), x1, axis=-1)
-    return e.op("Add", e.op("Mul", x, cos), e.op("Mul", rot, sin))
-
-
-def _ring_keys(e: Emitter, bits: int, head_dim: int, meta: str = "fp16") -> str:
-    """Ring keys in slot order, fp32 [1,H,W,D] (pre-RoPE)."""
-    if bits == 16:
-        return e.op("Reshape", e.op("Cast", "ring_k", to=F32), e.i64(0, 0, -1, head_dim))
-    codes = unpack_rows(e, "ring_k_codes", bits)
-    axis = e.i64(-2)
-    if meta == "u8":  # scale/zero codes [1,H,nblk,D], meta [1,H,nblk,3]
-        scale, zero = _decode_u8(e, "ring_k_scale", "ring_k_zero", "ring_k_meta")
-    else:
-        scale, zero = e.op("Cast", "ring_k_scale", to=F32), e.op("Cast", "ring_k_zero", to=F32)
-    scale, zero = e.op("Unsqueeze", scale, axis), e.op("Unsqueeze", zero, axis)
-    x = e.op("Add", e.op("Mul", codes, scale), zero)  # [1,H,nblk,B,D]
-    return e.op("Reshape", x, e.i64(0, 0, -1, head_dim))
-
-
-def _ring_values(e: Emitter, bits: int, head_dim: int, group: int, block: int = 0, meta: str = "fp16") -> str:
-    """Ring values in slot order, fp32 [1,H,W,D]."""
-    if bits == 16:
-        return e.op("Cast", "ring_v", to=F32)
-    codes = unpack_last(e, "ring_v_codes", bits)
-    codes = e.op("Reshape", codes, e.i64(0, 0, 0, head_dim // group, group))
-    axis = e.i64(-1)
-    if meta == "u8":  # codes per token [1,H,W,D/G]; meta per block [1,H,nblk,3]
-        per_block = e.i64(0, 0, -1, block, head_dim // group)
-        scale, zero = _decode_u8(e, e.op("Reshape", "ring_v_scale", per_block),
-                                 e.op("Reshape", "ring_v_zero", per_block),
-                                 e.op("Unsqueeze", "ring_v_meta", e.i64(3)))
-        per_token = e.i64(0, 0, -1, head_dim // group)
-        scale, zero = e.op("Reshape", scale, per_token), e.op("Reshape", zero, per_token)
-    else:
-        scale, zero = e.op("Cast", "ring_v_scale", to=F32), e.op("Cast", "ring_v_zero", to=F32)
-    scale, zero = e.op("Unsqueeze", scale, axis), e.op("Unsqueeze", zero, axis)
-    x = e.op("Add", e.op("Mul", codes, scale), zero)
-    return e.op("Reshape", x, e.i64(0, 0, 0, head_dim))
-
-
-def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads: int,
-                       head_dim: int, block: int, group: int, rotate: bool = False,
-                       meta: str = "fp16") -> FunctionProto:
-    """CompressedAttention_k{bk}_v{bv}.
-
-    Inputs: q [1,Hq,T,D] fp32 pre-RoPE; k, v [1,Hkv,T,D] fp32 (already fp16-rounded);
-    cos_k/sin_k [L+T,D] for every cache slot then the new tokens; cos_q/sin_q [T,D];
-    mask bool [T,L+T]; the layer's cache buffers (fp16 sinks/residual, ring as stored).
-    Output: o [1,Hq,T,D] fp32. Cache slots are attended in storage order; positions and
-    the mask make the order irrelevant, so nothing is gathered or reordered.
-
-    rotate (quantized sides only): ring keys are un-rotated before RoPE (one D x D MatMul
-    over the ring: RoPE does not commute with the rotation); values are not -- the few
-    fp16 sink/residual/new values are rotated instead and the output un-rotated once,
-    since P @ (V H) = (P @ V) H.
-    """
-    e = Emitter()
-    n_rep = num_heads // num_kv_heads
-    rot_k, rot_v = rotate and bits_k != 16, rotate and bits_v != 16
-    h = _hadamard(e, head_dim) if rot_k or rot_v else None
-    ring_k = _ring_keys(e, bits_k, head_dim, meta)
-    if rot_k:
-        ring_k = e.op("MatMul", ring_k, h)
-    keys = e.op("Concat", e.op("Cast", "sink_k", to=F32), ring_k,
-                e.op("Cast", "residual_k", to=F32), "k", axis=2)
-    fp_vals = [e.op("Cast", "sink_v", to=F32), e.op("Cast", "residual_v", to=F32), "v"]
-    if rot_v:
-        fp_vals = [e.op("MatMul", x, h) for x in fp_vals]
-    vals = e.op("Concat", fp_vals[0], _ring_values(e, bits_v, head_dim, group, block, meta), *fp_vals[1:], axis=2)
-    keys = _rope(e, keys, "cos_k", "sin_k")
-    q = e.op("Mul", _rope(e, "q", "cos_q", "sin_q"), e.f32(1.0 / math.sqrt(head_dim)))
-    # GQA: query head h reads KV head h // n_rep, so [1,Hq,T,D] -> [1,Hkv,n_rep,T,D] and
-    # K/V get a broadcast axis instead of being repeated.
-    q = e.op("Reshape", q, e.i64(1, num_kv_heads, n_rep, -1, head_dim))
-    kt = e.op("Unsqueeze", e.op("Transpose", keys, perm=[0, 1, 3, 2]), e.i64(2))
-    scores = e.op("MatMul", q, kt)  # [1,Hkv,n_rep,T,L+T]
-    scores = e.op("Where", "mask", scores, e.f32(-np.inf))
-    probs = e.op("Softmax", scores, axis=-1)
-    o = e.op("MatMul", probs, e.op("Unsqueeze", vals, e.i64(2)))  # [1,Hkv,n_rep,T,D]
-    if rot_v:
-        o = e.op("MatMul", o, h)
-    e.op("Reshape", o, e.i64(1, num_heads, -1, head_dim), out="o")
-    return helper.make_function(DOMAIN, attention_name(bits_k, bits_v, rotate, meta), attention_inputs(bits_k, bits_v, meta),
-                                ["o"], e.nodes, [helper.make_opsetid("", OPSET)])

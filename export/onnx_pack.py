@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgekv.export.onnx_ops import (
     DOMAIN, F16, U8, Emitter, opset_imports, quantize_keys_function, quantize_values_function,
 )
-from edgekv.policy import META_FIELDS, CachePolicy, KVShape, quantized_parts
+from edgekv.export.onnx_plain import plain_types, read_plain
+from edgekv.policy import META_FIELDS, CachePolicy, KVShape, plain_names, quantized_parts
 
 IR_VERSION = 9  # what onnxruntime >= 1.15 reads; nothing here needs more
 
@@ -26,7 +27,9 @@ def pack_outputs(policy: CachePolicy) -> tuple[list[int], list[int]]:
 
 
 def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
-    """Inputs k, v fp16 [1,H,B,D] (and f fp32 [H,D,D], the layer's key feedback step
+    """Inputs k, v: the layer's full residual as stored, fp16 [1,H,B,D] or with residual
+    "u8" codes k, v uint8 [1,H,B,D] and k_scale, k_zero, v_scale, v_zero fp16 [1,H,B,D/G]
+    (export.onnx_plain; dequantized first) (and f fp32 [H,D,D], the layer's key feedback step
     matrices, when policy.key_feedback is set, plus k_bits int64 [1], the layer's key width,
     when it is set and keys use several widths: only that width's outputs are computed,
     the others are zeros); outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
@@ -42,6 +45,8 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     # Feedback rounding is ~3x the work of nearest: with several key widths, each layer runs
     # only its own (input k_bits; the other widths' outputs are zeros the runtime never reads).
     gated = bool(feedback_dim) and len(kbits) > 1
+    res = policy.residual
+    x = {side: read_plain(e, plain_names(side, res), res, g, d) if res != "fp16" else side for side in "kv"}
     for side, widths in (("k", kbits), ("v", vbits)):
         for b in widths:
             if side == "k":
@@ -55,17 +60,18 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
             names = [f"{side}{b}_{part}" for part in parts]
             md = U8 if policy.meta == "u8" else F16
             infos = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(names, (U8, md, md, F16), shapes)]
-            args = [side, "f"] if side == "k" and feedback_dim else [side]
+            args = [x[side], "f"] if side == "k" and feedback_dim else [x[side]]
             if side == "k" and gated:
                 _gated_call(e, fn.name, args, infos, b)
             else:
                 e.op(fn.name, *args, out=names, domain=DOMAIN)
             outputs += infos
     if not outputs:  # an all-16-bit policy still gets a valid (pass-through) graph
-        e.op("Identity", "k", out="k16")
-        e.op("Identity", "v", out="v16")
+        e.op("Cast", x["k"], to=F16, out="k16")
+        e.op("Cast", x["v"], to=F16, out="v16")
         outputs = [helper.make_tensor_value_info(n, F16, [1, h, blk, d]) for n in ("k16", "v16")]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, h, blk, d]) for n in ("k", "v")]
+    inputs = [helper.make_tensor_value_info(n, dt, [1, h, blk, d if n == side else d // g])
+              for side in "kv" for n, dt in zip(plain_names(side, res), plain_types(res))]
     if feedback_dim:  # the layer's key feedback step matrices (edgekv.key_feedback), bound per layer
         inputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [h, d, d]))
     if gated:  # the layer's key code width

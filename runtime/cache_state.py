@@ -1,7 +1,7 @@
 """The compressed KV cache as numpy buffers: allocated once, written in place.
 
 Same semantics as edgekv.reference.cache.CompressedKVCache (the oracle): sinks fill
-first, then the fp16 residual; when a residual fills, the block is quantized (pack.onnx)
+first, then the residual (both fp16, or 8-bit per token); when a residual fills, the block is quantized (pack.onnx)
 into ring slot `blocks_pushed % slots`, which once the ring is full holds the oldest
 block, so eviction is that overwrite. Counters are host integers shared by all layers.
 
@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgekv.policy import CachePolicy, KVShape, quantized_parts
+from edgekv.quant import Quantized, dequantize_values
 
 # Packs one layer's full residual; returns arrays named like pack.onnx's outputs.
 PackFn = Callable[[int], Mapping[str, np.ndarray]]
@@ -32,6 +33,29 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     raw = np.zeros(n + ALIGN, np.uint8)
     off = -raw.ctypes.data % ALIGN
     return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def new_token_buffers(policy: CachePolicy, shape: KVShape, t: int) -> list[dict[str, np.ndarray]]:
+    """Per layer, the buffers a graph with t token slots writes its new K/V into (outputs
+    `new.{layer}.{name}`): k and v fp16, or with residual "u8" also k_scale, k_zero, ..."""
+    dims = (1, shape.num_kv_heads, t, shape.head_dim)
+    return [{s.name: aligned_zeros(s.shape, s.dtype) for side in "kv" for s in policy.plain_tensors(side, dims)}
+            for _ in range(shape.num_layers)]
+
+
+def graph_outputs(new: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`new_token_buffers` by graph output name."""
+    return {f"new.{i}.{name}": arr for i, parts in enumerate(new) for name, arr in parts.items()}
+
+
+def plain_float(policy: CachePolicy, arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """A sink/residual buffer as float32 [..., T, D]: `arrays` holds `name` (fp16, or 8-bit
+    codes with `name`_scale and `name`_zero when policy.residual is "u8")."""
+    if policy.residual == "fp16":
+        return arrays[name].astype(np.float32)
+    codes = arrays[name]
+    q = Quantized(codes, arrays[f"{name}_scale"], arrays[f"{name}_zero"], None)
+    return dequantize_values(q, 8, policy.group, codes.shape[-1])
 
 
 class CacheState:
@@ -67,10 +91,10 @@ class CacheState:
         return extra
 
     def pack_inputs(self, layer: int) -> dict[str, np.ndarray]:
-        """Everything pack.onnx may take for `layer`, by input name: the residual k and v,
-        plus its constants; a backend binds the names its graph declares."""
-        return {"k": self.buffers[f"past.{layer}.residual_k"], "v": self.buffers[f"past.{layer}.residual_v"],
-                **self._pack_extra[layer]}
+        """Everything pack.onnx may take for `layer`, by input name: the residual k and v
+        (with k_scale ... for an 8-bit residual), plus its constants; a backend binds the names its graph declares."""
+        pre = f"past.{layer}.residual_"
+        return {**{n[len(pre):]: b for n, b in self.buffers.items() if n.startswith(pre)}, **self._pack_extra[layer]}
 
     # ---- sizes and counters (CompressedKVCache semantics) ---------------------------
     @property
@@ -143,19 +167,20 @@ class CacheState:
         np.add(np.arange(t, dtype=np.int64), new0, out=self.new_positions[t])
 
     # ---- writing --------------------------------------------------------------------
-    def append(self, new_k: list[np.ndarray], new_v: list[np.ndarray], n: int, pack: PackFn) -> None:
-        """Write the first n tokens of each layer's new pre-RoPE K/V [1,H,T,D] fp16 into the
-        sinks or the residual (n <= room()); if the residual fills, pack it into the ring.
-        Then advance the counters."""
+    def append(self, new: list[dict[str, np.ndarray]], n: int, pack: PackFn) -> None:
+        """Write the first n tokens of each layer's new pre-RoPE K/V (`new_token_buffers`:
+        [1,H,T,...] as the sinks/residual store them) into the sinks or the residual
+        (n <= room()); if the residual fills, pack it into the ring. Then advance the
+        counters."""
         if n > self.room():
             raise ValueError(f"append of {n} tokens crosses a block boundary (room {self.room()})")
         buf = self.buffers
         sinks = self.n_sink < self.S
         lo = self.n_sink if sinks else self.n_res
         part = "sink" if sinks else "residual"
-        for i, (k, v) in enumerate(zip(new_k, new_v)):
-            buf[f"past.{i}.{part}_k"][:, :, lo:lo + n] = k[:, :, :n]
-            buf[f"past.{i}.{part}_v"][:, :, lo:lo + n] = v[:, :, :n]
+        for i, parts in enumerate(new):
+            for name, arr in parts.items():
+                buf[f"past.{i}.{part}_{name}"][:, :, lo:lo + n] = arr[:, :, :n]
         if sinks:
             self.n_sink += n
             return
@@ -171,13 +196,13 @@ class CacheState:
         bk, bv = p.bits_k[layer], p.bits_v[layer]
         packed = pack(layer) if bk < 16 or bv < 16 else {}
         if bk == 16:
-            buf[pre + "ring_k"][:, :, slot] = buf[pre + "residual_k"]
+            buf[pre + "ring_k"][:, :, slot] = plain_float(p, self.pack_inputs(layer), "k")
         else:
             for part in quantized_parts(p.meta):
                 buf[f"{pre}ring_k_{part}"][:, :, slot] = packed[f"k{bk}_{part}"]
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
-            buf[pre + "ring_v"][:, :, toks] = buf[pre + "residual_v"]
+            buf[pre + "ring_v"][:, :, toks] = plain_float(p, self.pack_inputs(layer), "v")
         else:
             for part in ("codes", "scale", "zero"):
                 buf[f"{pre}ring_v_{part}"][:, :, toks] = packed[f"v{bv}_{part}"]

@@ -344,8 +344,7 @@ class Engine:
     def _step(self, ids: Sequence[int], t: int) -> np.ndarray:
         self.state.prepare(t)
         logits = self.backend.run(ids, t)
-        k, v = self.backend.new_kv(t)
-        self.state.append(k, v, len(ids), self.backend.pack)
+        self.state.append(self.backend.new_kv(t), len(ids), self.backend.pack)
         return logits
 
     def _reuse(self, ids: list[int]) -> int:

@@ -9,8 +9,10 @@ in onnxruntime, so `--dtype gguf` bundles (MatMulNBits) run here too, which Rela
 A decode step runs L+1 onnxruntime segments of decode.onnx cut at the attention nodes
 (graph_split.py). Between segment i and i+1 the host writes layer i's new K/V into the
 sinks/residual (the kernel's contract; CacheState.append rewrites the same values after
-the step), rotates the query with RoPE at the new position, and calls
-`decode_k{bk}_v{bv}` on CacheState's buffers (zero-copy views made once at load). Prefill
+the step): every part the segment outputs, `new.{i}.k` and with an 8-bit residual also
+`new.{i}.k_scale`, `new.{i}.k_zero` (and v's), as the sinks/residual store them. It then
+rotates the query with RoPE at the new position, and calls `decode_k{bk}_v{bv}` (`_r8`
+for an 8-bit residual) on CacheState's buffers (zero-copy views made once at load). Prefill
 chunks and block packing run the bundle's prefill.onnx and pack.onnx as in OrtBackend.
 
 Kernels come from the bundle's library for this machine (`edgekv compile BUNDLE --device
@@ -28,9 +30,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekv.errors import EdgekvError
-from edgekv.policy import quantized_parts
 from edgekv.runtime.bundle import Bundle
-from edgekv.runtime.cache_state import CacheState, aligned_zeros
+from edgekv.runtime.cache_state import CacheState, aligned_zeros, graph_outputs
 from edgekv.runtime.ort_backend import OrtBackend
 
 
@@ -69,12 +70,14 @@ def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int], object]
     from edgekv.runtime.tvm_backend import _import_tvm
 
     tvm = _import_tvm()
+    from edgekv.tvm_kernels.library import kernel_names
+
     p, sh = bundle.policy, bundle.shape
-    pairs = sorted(set(zip(p.bits_k, p.bits_v)))
+    names = kernel_names(p).decode  # the names say the cache format: a library never mismatches it
     entry = _library_entry(bundle, device)
     if entry is not None:
         lib = tvm.runtime.load_module(str(bundle.path / entry["library"]))
-        return {pr: lib[f"decode_k{pr[0]}_v{pr[1]}"] for pr in pairs}
+        return {pr: lib[name] for pr, name in names.items()}
     warnings.warn(f"{bundle.path} has no TVM library for this machine: compiling the decode kernels now "
                   f"(`edgekv compile {bundle.path} --device host` stores them in the bundle)",
                   RuntimeWarning, stacklevel=5)
@@ -84,7 +87,7 @@ def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int], object]
 
     records = host_tuning_device()
     out = {}
-    for pr in pairs:
+    for pr in names:
         layer = next(i for i in range(p.num_layers) if (p.bits_k[i], p.bits_v[i]) == pr)
         params = attn_params(p, sh, layer, int(bundle.model["num_heads"]))
         out[pr] = build_attention(params, host_target(), device=records)["main"]
@@ -103,6 +106,7 @@ class KernelBackend(OrtBackend):
         kernels = decode_kernels(bundle, device)
         super().__init__(bundle, state, providers, threads)  # sessions; segments via the hook
         from edgekv.runtime.tvm_backend import _import_tvm
+        from edgekv.tvm_kernels.params import attn_params
         from edgekv.tvm_kernels.rope import RopeTables, inv_freq
 
         self._tvm = _import_tvm()
@@ -127,14 +131,11 @@ class KernelBackend(OrtBackend):
         t = tables
         self._calls = []
         for i in range(self.num_layers):
-            bk, bv = p.bits_k[i], p.bits_v[i]
-            ring_k = ["ring_k"] if bk == 16 else [f"ring_k_{n}" for n in quantized_parts(p.meta)]
-            ring_v = ["ring_v"] if bv == 16 else [f"ring_v_{n}" for n in quantized_parts(p.meta)]
-            arrays = [self.q_rot, *(buf[f"past.{i}.{n}"] for n in ("sink_k", "sink_v", "residual_k", "residual_v")),
-                      *(buf[f"past.{i}.{n}"] for n in ring_k + ring_v),
+            params = attn_params(p, sh, i, int(bundle.model["num_heads"]), context=p.sinks + state.slots * p.block)
+            arrays = [self.q_rot, *(buf[f"past.{i}.{n}"] for n in params.cache_names),
                       t.sink_cos, t.sink_sin, t.blk_cos, t.blk_sin, t.off_cos, t.off_sin, self.counts,
                       self.attn_out[i]]
-            self._calls.append((kernels[(bk, bv)], [view(a) for a in arrays]))
+            self._calls.append((kernels[(p.bits_k[i], p.bits_v[i])], [view(a) for a in arrays]))
 
     # ---- setup ----------------------------------------------------------------------
     def _setup_extra_sessions(self, bundle: Bundle) -> None:
@@ -158,8 +159,7 @@ class KernelBackend(OrtBackend):
         bufs: dict[str, np.ndarray] = {"input_ids": self.input_ids[1], "new_positions": st.new_positions[1],
                                        "cache_positions": st.cache_positions, "cache_valid": st.cache_valid,
                                        "logits": self.logits, **st.buffers}
-        for i in range(self.num_layers):
-            bufs[f"new.{i}.k"], bufs[f"new.{i}.v"] = self.new_k[1][i], self.new_v[1][i]
+        bufs.update(graph_outputs(self.new[1]))  # new.{i}.k, new.{i}.k_scale, ... (OrtBackend.new)
         self.queries, self.attn_out, self._seg_io = [], [], []
         for seg, sess in zip(self.split.segments, self.segments):
             got = sess.run(seg.outputs, {name: bufs[name] for name in seg.inputs})
@@ -210,8 +210,8 @@ class KernelBackend(OrtBackend):
             sess.run_with_iobinding(io)
             if i == self.num_layers:
                 break
-            buf[f"past.{i}.{part}_k"][:, :, at] = self.new_k[1][i][:, :, 0]
-            buf[f"past.{i}.{part}_v"][:, :, at] = self.new_v[1][i][:, :, 0]
+            for name, arr in self.new[1][i].items():  # k, v (+ k_scale, k_zero, ... with an 8-bit residual)
+                buf[f"past.{i}.{part}_{name}"][:, :, at] = arr[:, :, 0]
             self._rope_query(self.queries[i])
             fn, args = self._calls[i]
             fn(*args)

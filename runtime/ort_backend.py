@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekv.runtime.bundle import Bundle
-from edgekv.runtime.cache_state import CacheState
+from edgekv.runtime.cache_state import CacheState, graph_outputs, new_token_buffers
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
              "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
@@ -89,9 +89,7 @@ class OrtBackend:
         m, sh = bundle.model, bundle.shape
         self.logits = np.zeros((1, 1, int(m["vocab_size"])), np.float32)
         self.input_ids = {t: np.zeros((1, t), np.int64) for t in (1, self.chunk)}
-        self.new_k = {t: [np.zeros((1, sh.num_kv_heads, t, sh.head_dim), np.float16)
-                          for _ in range(sh.num_layers)] for t in (1, self.chunk)}
-        self.new_v = {t: [np.zeros_like(k) for k in self.new_k[t]] for t in (1, self.chunk)}
+        self.new = {t: new_token_buffers(bundle.policy, sh, t) for t in (1, self.chunk)}
         self._graph_io = {t: self._bind_graph(kind, t) for t, kind in ((1, "decode"), (self.chunk, "prefill"))
                           if kind in self.sessions}
         pack_sess = self.sessions["pack"]
@@ -154,8 +152,7 @@ class OrtBackend:
                                  f"{arr.dtype}{list(arr.shape)}")
             self._bind(io, i.name, arr)
         outs = {"logits": self.logits}
-        for layer, (k, v) in enumerate(zip(self.new_k[t], self.new_v[t])):
-            outs[f"new.{layer}.k"], outs[f"new.{layer}.v"] = k, v
+        outs.update(graph_outputs(self.new[t]))
         for o in sess.get_outputs():
             self._bind(io, o.name, outs[o.name], output=True)
         return io
@@ -184,8 +181,9 @@ class OrtBackend:
         io.synchronize_outputs()
         return self.logits[0, 0]
 
-    def new_kv(self, t: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return self.new_k[t], self.new_v[t]
+    def new_kv(self, t: int) -> list[dict[str, np.ndarray]]:
+        """What the last run with t token slots wrote for each layer's new K/V."""
+        return self.new[t]
 
     def pack(self, layer: int) -> dict[str, np.ndarray]:
         """Quantize + pack `layer`'s full residual (bound in place) into the scratch outputs."""

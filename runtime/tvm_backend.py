@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from edgekv.runtime.bundle import Bundle
-from edgekv.runtime.cache_state import CacheState, aligned_zeros
+from edgekv.runtime.cache_state import CacheState, aligned_zeros, graph_outputs, new_token_buffers
 
 _NP_TYPES = {1: np.float32, 10: np.float16, 2: np.uint8, 7: np.int64, 9: np.bool_}
 
@@ -92,9 +92,7 @@ class TvmBackend:
         m, sh = bundle.model, bundle.shape
         self.logits = np.zeros((1, 1, int(m["vocab_size"])), np.float32)
         self.input_ids = {t: aligned_zeros((1, t), np.int64) for t in (1, self.chunk)}
-        self.new_k = {t: [np.zeros((1, sh.num_kv_heads, t, sh.head_dim), np.float16)
-                          for _ in range(sh.num_layers)] for t in (1, self.chunk)}
-        self.new_v = {t: [np.zeros_like(k) for k in self.new_k[t]] for t in (1, self.chunk)}
+        self.new = {t: new_token_buffers(bundle.policy, sh, t) for t in (1, self.chunk)}
         st = self.state
         self._args = {}
         for t, kind in ((1, "decode"), (self.chunk, "prefill")):
@@ -103,8 +101,7 @@ class TvmBackend:
             self._args[t] = [self._view(self._checked(kind, name, shape, dt, arrays[name]))
                              for name, shape, dt in self.graphs[kind][1]]
             outs = {"logits": self.logits}
-            for layer, (k, v) in enumerate(zip(self.new_k[t], self.new_v[t])):
-                outs[f"new.{layer}.k"], outs[f"new.{layer}.v"] = k, v
+            outs.update(graph_outputs(self.new[t]))
             self._args[t] = (self._args[t], [outs[o] for o in self.graphs[kind][2]])
         _, pack_in, pack_out = self.graphs["pack"]
         self._pack_args = []
@@ -141,8 +138,9 @@ class TvmBackend:
             dst[...] = src.reshape(dst.shape)
         return self.logits[0, 0]
 
-    def new_kv(self, t: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return self.new_k[t], self.new_v[t]
+    def new_kv(self, t: int) -> list[dict[str, np.ndarray]]:
+        """What the last run with t token slots wrote for each layer's new K/V."""
+        return self.new[t]
 
     def pack(self, layer: int) -> dict[str, np.ndarray]:
         got = self._call("pack", self._pack_args[layer])

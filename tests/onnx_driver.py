@@ -2,7 +2,7 @@
 
 It owns the cache buffers as numpy arrays (CachePolicy.layer_tensors) and keeps the same
 counters and write rules as edgekv.reference.cache.CompressedKVCache: sinks first, then
-the fp16 residual; a full residual is packed by pack.onnx into ring slot
+the residual; a full residual is packed by pack.onnx into ring slot
 blocks_pushed % ring_slots (evicting the oldest block). Positions and validity are
 computed on the host in storage (slot) order, as the graph contract asks.
 """
@@ -17,6 +17,7 @@ from edgekv.export.onnx_graph import build_decoder, cache_inputs
 from edgekv.export.onnx_pack import build_pack
 from edgekv.policy import CachePolicy, KVShape, quantized_parts
 from edgekv.reference.model import kv_shape
+from edgekv.runtime.cache_state import plain_float
 
 
 def session(model: onnx.ModelProto | str, threads: int = 1) -> ort.InferenceSession:
@@ -95,20 +96,19 @@ class OnnxDriver:
         names = [o.name for o in sess.get_outputs()]
         res = dict(zip(names, sess.run(None, feeds)))
         for i in range(self.shape.num_layers):
-            self._append(i, res[f"new.{i}.k"], res[f"new.{i}.v"])
+            pre = f"new.{i}."
+            self._append(i, {n[len(pre):]: r for n, r in res.items() if n.startswith(pre)})
         self._commit(t)
         return res["logits"][0, -1]
 
-    def _append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
-        t, p, pre = k.shape[2], self.policy, f"past.{layer}."
+    def _append(self, layer: int, new: dict[str, np.ndarray]) -> None:
+        """new: the graph's new.{layer}.* outputs by their short names (k, v[, k_scale ...])."""
+        t, p, pre = new["k"].shape[2], self.policy, f"past.{layer}."
         buf = self.buffers
-        if self.n_sink < p.sinks:
-            buf[pre + "sink_k"][:, :, self.n_sink:self.n_sink + t] = k
-            buf[pre + "sink_v"][:, :, self.n_sink:self.n_sink + t] = v
-            return
-        buf[pre + "residual_k"][:, :, self.n_res:self.n_res + t] = k
-        buf[pre + "residual_v"][:, :, self.n_res:self.n_res + t] = v
-        if self.n_res + t == p.block:
+        part, at = ("sink", self.n_sink) if self.n_sink < p.sinks else ("residual", self.n_res)
+        for name, arr in new.items():
+            buf[f"{pre}{part}_{name}"][:, :, at:at + t] = arr
+        if part == "residual" and self.n_res + t == p.block:
             self._push_block(layer)
 
     def _push_block(self, layer: int) -> None:
@@ -117,17 +117,17 @@ class OnnxDriver:
             raise RuntimeError("window-less cache is full (the graphs were sized for a context)")
         slot, b = self.blocks_pushed % self.slots, p.block
         bk, bv = p.bits_k[layer], p.bits_v[layer]
-        rk, rv = buf[pre + "residual_k"], buf[pre + "residual_v"]
+        res = {n[len(pre + "residual_"):]: a for n, a in buf.items() if n.startswith(pre + "residual_")}
         names = [o.name for o in self.pack.get_outputs()]
-        packed = dict(zip(names, self.pack.run(None, {"k": rk, "v": rv})))
+        packed = dict(zip(names, self.pack.run(None, {i.name: res[i.name] for i in self.pack.get_inputs()})))
         if bk == 16:
-            buf[pre + "ring_k"][:, :, slot] = rk
+            buf[pre + "ring_k"][:, :, slot] = plain_float(p, res, "k")
         else:
             for n in quantized_parts(p.meta):
                 buf[f"{pre}ring_k_{n}"][:, :, slot] = packed[f"k{bk}_{n}"]
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
-            buf[pre + "ring_v"][:, :, toks] = rv
+            buf[pre + "ring_v"][:, :, toks] = plain_float(p, res, "v")
         else:
             for n in ("codes", "scale", "zero"):
                 buf[f"{pre}ring_v_{n}"][:, :, toks] = packed[f"v{bv}_{n}"]

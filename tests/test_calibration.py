@@ -245,3 +245,21 @@ def test_sampled_fisher_is_the_expected_squared_gradient(tiny_model):
     assert torch.all((per_token > 0.7) & (per_token < 1.3)), per_token
     empirical = cap.grad[-1][:-1] ** 2
     assert not torch.allclose(empirical, exact, rtol=0.3)
+
+
+def test_export_u8_residual_reaches_the_manifest_and_widens_a_kv_ratio(tiny_model_dir, tmp_path):
+    """--residual u8 shrinks the fixed part of the cache, so the same --kv-ratio leaves more
+    code bits; the manifest records it and the runtime opens the bundle with it."""
+    from edgekv.cli import main
+    from edgekv.runtime.bundle import open_bundle
+
+    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8", "--kv-ratio", "0.4"]
+    targets = {}
+    for residual in ("fp16", "u8"):
+        out = tmp_path / residual
+        assert main(["export", str(tiny_model_dir), "-o", str(out), "--residual", residual, *args]) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["policy"]["residual"] == residual and m["cache"]["fp16_ratio"] <= 0.4
+        assert open_bundle(out).policy.residual == residual
+        targets[residual] = m["allocation"]["target_bits"]
+    assert targets["u8"] > targets["fp16"]

@@ -26,15 +26,16 @@ def _run(bundle, backend, prompt, n):
     return toks, steps
 
 
-@pytest.mark.parametrize("bits,rotation,meta", [(((4, 8), (2, 16)), "none", "fp16"), (((5, 1), (1, 6)), "none", "fp16"),
-                                                (((3, 16), (2, 4)), "hadamard", "fp16"),
-                                                (((3, 16), (2, 4)), "hadamard", "u8")])
-def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits, rotation, meta):
+@pytest.mark.parametrize("bits,rotation,meta,residual", [
+    (((4, 8), (2, 16)), "none", "fp16", "fp16"), (((5, 1), (1, 6)), "none", "fp16", "fp16"),
+    (((3, 16), (2, 4)), "hadamard", "fp16", "fp16"), (((3, 16), (2, 4)), "hadamard", "u8", "fp16"),
+    (((3, 16), (2, 4)), "hadamard", "u8", "u8")])
+def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits, rotation, meta, residual):
     """30-token prompt + 60 tokens through a 32-token window: decode steps fill sinks and
     the residual, and attend over a ring that wraps (mixed 1/2/3/4/8/16-bit layers, with and
-    without the Hadamard rotation, fp16 or 8-bit scale/zero)."""
+    without the Hadamard rotation, fp16 or 8-bit scale/zero, fp16 or 8-bit sinks/residual)."""
     policy = CachePolicy(bits_k=bits[0], bits_v=bits[1], window=32, sinks=4, block=8, group=8, rotation=rotation,
-                         meta=meta)
+                         meta=meta, residual=residual)
     bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
     prompt = np.random.default_rng(0).integers(0, 90, 30).tolist()
     with pytest.warns(RuntimeWarning, match="compiling the decode kernels"):

@@ -53,6 +53,34 @@ def test_eviction_keeps_sinks_and_newest_tokens(bits, step):
     assert cache.new_positions(2).tolist() == [41, 42]
 
 
+@pytest.mark.parametrize("bits", [3, 16])
+def test_u8_residual_stores_sinks_and_residual_as_8_bit_codes(bits):
+    """residual "u8": the sinks and the residual read back as numpy's 8-bit per-token
+    quantization of what was appended (exactly), the ring blocks as quantized from those
+    read-back values, and the bytes fall by what the policy says."""
+    kw = dict(window=32, sinks=4, block=8, group=8)
+    p = CachePolicy.uniform(2, bits, residual="u8", **kw)
+    cache = CompressedKVCache(p, SHAPE)
+    assert cache.nbytes == p.total_bytes(SHAPE) < CachePolicy.uniform(2, bits, **kw).total_bytes(SHAPE)
+    total = 4 + 8 * 9 + 5
+    kv = torch.randn(1, 2, total, 16).to(torch.float16).float()
+    _feed(cache, kv, 3)
+    k, _ = cache.view(1)
+
+    def u8(x):
+        return quant.dequantize_values(quant.quantize_values(x.numpy(), 8, 8), 8, 8, 16)
+    np.testing.assert_array_equal(k[:, :, :4].numpy(), u8(kv[:, :, :4]))
+    np.testing.assert_array_equal(k[:, :, -5:].numpy(), u8(kv[:, :, -5:]))
+    assert 0 < (k[:, :, -5:] - kv[:, :, -5:]).abs().max() < 0.02  # 8-bit steps of a ~6-wide range
+    ring_src = torch.from_numpy(u8(kv[:, :, total - 5 - 32: total - 5]))
+    if bits == 16:
+        torch.testing.assert_close(k[:, :, 4:36], ring_src.to(torch.float16).float(), rtol=0, atol=0)
+    else:
+        expect = quant.dequantize_keys(quant.quantize_keys(
+            ring_src.numpy().reshape(1, 2, 4, 8, 16), bits), bits, 8).reshape(1, 2, 32, 16)
+        np.testing.assert_allclose(k[:, :, 4:36].numpy(), expect, atol=1e-6)
+
+
 def test_original_positions_follow_the_evicted_stream():
     p = CachePolicy.uniform(2, 4, window=16, sinks=2, block=8, group=8, positions="original")
     cache = CompressedKVCache(p, SHAPE)

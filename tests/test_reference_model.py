@@ -31,10 +31,11 @@ def test_16_bit_without_eviction_reproduces_model_logits(tiny_model):
 
 @pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
 @pytest.mark.parametrize("positions", ["cache", "original"])
-def test_chunked_equals_token_by_token(tiny_model, bits, positions):
+@pytest.mark.parametrize("residual", ["fp16", "u8"])
+def test_chunked_equals_token_by_token(tiny_model, bits, positions, residual):
     """The equivalence perplexity evaluation relies on, with eviction happening."""
     ids = torch.randint(0, 256, (1, 77), generator=torch.Generator().manual_seed(bits))
-    ref = ReferenceModel(tiny_model, _policy(bits, positions=positions))
+    ref = ReferenceModel(tiny_model, _policy(bits, positions=positions, residual=residual))
     chunked = ref.forward(ids, ref.new_cache())
     c = ref.new_cache()
     stepwise = torch.cat([ref.forward(ids[:, i:i + 1], c) for i in range(ids.shape[1])], dim=1)

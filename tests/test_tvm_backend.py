@@ -25,15 +25,17 @@ def _feedback():
     return KeyFeedback(step_matrices(a @ np.swapaxes(a, -1, -2) / 16 + 0.01 * np.eye(16)))
 
 
-@pytest.mark.parametrize("meta,feedback,bits", [("fp16", False, ((4, 8), (2, 16))), ("u8", False, ((1, 5), (6, 1))),
-                                               ("u8", True, ((4, 8), (2, 16)))])
-def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta, feedback, bits):
+@pytest.mark.parametrize("meta,feedback,bits,residual", [
+    ("fp16", False, ((4, 8), (2, 16)), "fp16"), ("u8", False, ((1, 5), (6, 1)), "fp16"),
+    ("u8", True, ((4, 8), (2, 16)), "fp16"), ("u8", False, ((3, 16), (2, 4)), "u8")])
+def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta, feedback, bits, residual):
     """30-token prompt + 40 tokens through a 32-token window: prefill chunks, padded
     prefill, decode, packing (1/2/4/8-bit layers and fp16 ring parts) and eviction all run
-    on both backends, with fp16 or 8-bit scale/zero, and keys rounded with feedback
-    (pack.onnx then runs each layer's key width only, through an If per width)."""
+    on both backends, with fp16 or 8-bit scale/zero, keys rounded with feedback
+    (pack.onnx then runs each layer's key width only, through an If per width), and
+    8-bit sinks/residual."""
     policy = CachePolicy(bits_k=bits[0], bits_v=bits[1], window=32, sinks=4, block=8, group=8, meta=meta,
-                         key_feedback=_feedback() if feedback else None)
+                         key_feedback=_feedback() if feedback else None, residual=residual)
     bundle = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)
     prompt = np.random.default_rng(0).integers(0, 256, 30).tolist()
     got, logits = {}, {}

@@ -1,4 +1,5 @@
-"""TVM pack kernel: bit exact with edgekv.quant / edgekv.packing at every width."""
+"""TVM pack kernel: bit exact with edgekv.quant / edgekv.packing at every width, from an
+fp16 residual and from an 8-bit one (policy.residual "u8")."""
 
 import numpy as np
 import pytest
@@ -20,15 +21,26 @@ def _block(seed: int) -> np.ndarray:
     return x
 
 
+def _residual(x: np.ndarray, p: PackParams) -> tuple[list[np.ndarray], np.ndarray]:
+    """The residual as stored (kernel inputs) and the fp32 block the reference quantizes:
+    with "u8", 8-bit codes + scale/zero per group and their dequantized values
+    (edgekv.reference.cache quantizes ring blocks from those)."""
+    if p.residual == "fp16":
+        return [x], x.astype(np.float32)
+    q = quant.quantize_values(x, 8, p.group)
+    return list(q[:3]), quant.dequantize_values(q, 8, p.group, p.head_dim)
+
+
+@pytest.mark.parametrize("residual", ["fp16", "u8"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("side", ["k", "v"])
-def test_pack_bit_exact(bits, side):
-    p = PackParams(heads=2, head_dim=32, block=16, group=16, bits=bits)
+def test_pack_bit_exact(bits, side, residual):
+    p = PackParams(heads=2, head_dim=32, block=16, group=16, bits=bits, residual=residual)
     lib = build_pack(p, side, host_target())
     for seed in range(3):
-        x = _block(seed)
+        inputs, x = _residual(_block(seed), p)
         ref = quant.quantize_keys(x, bits) if side == "k" else quant.quantize_values(x, bits, p.group)
         outs = [tvm.runtime.empty(r.shape, str(r.dtype)) for r in ref[:3]]  # fp16 metadata: no meta
-        lib["main"](tvm.runtime.tensor(x), *outs)
+        lib["main"](*(tvm.runtime.tensor(a) for a in inputs), *outs)
         for name, got, want in zip(("codes", "scale", "zero"), outs, ref):
             np.testing.assert_array_equal(got.numpy(), want, err_msg=f"{name} bits={bits} side={side}")

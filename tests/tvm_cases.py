@@ -3,7 +3,8 @@
 A state is built by the torch reference cache (edgekv.reference.cache) from random
 tokens, so sinks, ring slots, eviction and residual are exactly what the runtime holds;
 the reference attention dequantizes with `view`, applies RoPE in float64 at
-`cache_positions`, and runs a float64 masked softmax.
+`cache_positions`, and runs a float64 masked softmax. The new tokens are written the way
+the cache stores them (fp16, or 8-bit with policy.residual "u8") and read back likewise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgekv.policy import CachePolicy, KVShape, quantized_parts
+from edgekv.policy import CachePolicy, KVShape
 from edgekv.reference.cache import CompressedKVCache
 from edgekv.tvm_kernels.params import AttnParams
 from edgekv.tvm_kernels.rope import RopeTables, inv_freq, rotate
@@ -49,8 +50,9 @@ def kernel_case(policy: CachePolicy, shape: KVShape, num_heads: int, tokens: int
     pos_new = cache.new_positions(c).numpy()
     # reference: float64 over the dequantized cache + the new tokens, causal in the chunk
     ck, cv = (x[0].double().numpy() for x in cache.view(0))
-    keys = np.concatenate([ck, k[0].astype(np.float64)], 1)
-    vals = np.concatenate([cv, v[0].astype(np.float64)], 1)
+    nk, nv = (cache.read_back(torch.from_numpy(x))[0].double().numpy() for x in (k, v))
+    keys = np.concatenate([ck, nk], 1)
+    vals = np.concatenate([cv, nv], 1)
     keys = rotate(keys, np.concatenate([pos_cache, pos_new]), freqs).astype(np.float64)
     qr = rotate(q, pos_new, freqs)
     length = keys.shape[1]
@@ -63,25 +65,20 @@ def kernel_case(policy: CachePolicy, shape: KVShape, num_heads: int, tokens: int
             e = np.exp(sc[i, :valid] - sc[i, :valid].max())
             ref[0, hq, i] = (e / e.sum()) @ vals[hq // rep, :valid]
 
-    layer = {n: t.numpy().copy() for n, t in cache.layers[0].items()}
     p = policy
-    if cache.n_sink < p.sinks:
-        layer["sink_k"][:, :, cache.n_sink:cache.n_sink + c] = k
-        layer["sink_v"][:, :, cache.n_sink:cache.n_sink + c] = v
-        counts = [cache.n_sink + c, cache.ring_filled, 0]
-    else:
-        layer["residual_k"][:, :, cache.n_res:cache.n_res + c] = k
-        layer["residual_v"][:, :, cache.n_res:cache.n_res + c] = v
-        counts = [cache.n_sink, cache.ring_filled, cache.n_res + c]
+    sink = cache.n_sink < p.sinks
+    part, at = ("sink", cache.n_sink) if sink else ("residual", cache.n_res)
+    for side, x in (("k", k), ("v", v)):  # the cache's own write, without append's block push
+        cache._write_plain(0, f"{part}_{side}", at, torch.from_numpy(x))
+    counts = [cache.n_sink + c, cache.ring_filled, 0] if sink else [cache.n_sink, cache.ring_filled, cache.n_res + c]
+    layer = {n: t.numpy().copy() for n, t in cache.layers[0].items()}
     slots = p.window // p.block
     params = AttnParams(num_heads, h, d, p.sinks, slots, p.block, p.group, p.bits_k[0], p.bits_v[0], c,
-                        p.rotation == "hadamard", p.meta)
+                        p.rotation == "hadamard", p.meta, p.residual)
     tables = RopeTables(p, freqs, slots)
     tables.update(cache.n_sink, cache.blocks_pushed)
-    ring_k = ["ring_k"] if params.bits_k == 16 else [f"ring_k_{n}" for n in quantized_parts(p.meta)]
-    ring_v = ["ring_v"] if params.bits_v == 16 else [f"ring_v_{n}" for n in quantized_parts(p.meta)]
-    args = [qr, layer["sink_k"], layer["sink_v"], layer["residual_k"], layer["residual_v"],
-            *(layer[n] for n in ring_k), *(layer[n] for n in ring_v),
+    assert params.cache_names == list(layer)  # every buffer of the layer, in CachePolicy.layer_tensors' order
+    args = [qr, *(layer[n] for n in params.cache_names),
             tables.sink_cos, tables.sink_sin, tables.blk_cos, tables.blk_sin, tables.off_cos, tables.off_sin,
             np.array(counts, np.int32)]
     return params, args, ref.astype(np.float32)

@@ -1,9 +1,11 @@
 """Fused dequantize-attention (TE): C queries (C=1 decode, C>1 a causal prefill chunk)
-against one layer's cache in storage order [sinks S fp16 | ring `slots` x B, b-bit | residual B fp16].
+against one layer's cache in storage order [sinks S | ring `slots` x B, b-bit | residual B].
 
 Inputs (batch 1, the buffers exactly as CachePolicy.layer_tensors lists them):
   q [1,Hq,C,D] f32, already rotated (RoPE at its position), not yet scaled;
-  sink_k, sink_v [1,H,S,D] f16; residual_k, residual_v [1,H,B,D] f16;
+  sink_k, sink_v [1,H,S,D] f16; residual_k, residual_v [1,H,B,D] f16; with an 8-bit
+  residual (p.residual "u8") each is u8 codes followed by its _scale and _zero
+  [1,H,T,D/G] f16, dequantized in fp32 where fp16 is widened (pack.plain_input);
   ring keys: codes [1,H,N,D,B*bk/8] u8 + scale/zero [1,H,N,D] f16 (or ring_k [1,H,N,B,D] f16);
   ring values: codes [1,H,N*B,D*bv/8] u8 + scale/zero [1,H,N*B,D/G] f16 (or ring_v f16);
   with 8-bit metadata (p.meta "u8") scale/zero are u8 codes and each side adds its
@@ -29,6 +31,7 @@ import math
 
 from tvm import te, tirx
 
+from edgekv.tvm_kernels.pack import plain_input
 from edgekv.tvm_kernels.params import AttnParams
 
 F32, F16, U8, I32, I64 = "float32", "float16", "uint8", "int32", "int64"
@@ -126,10 +129,10 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
     zero32 = tirx.const(0.0, F32)
 
     q = te.placeholder((1, hq, c, d), F32, name="q")
-    sink_k = te.placeholder((1, h, s, d), F16, name="sink_k")
-    sink_v = te.placeholder((1, h, s, d), F16, name="sink_v")
-    res_k = te.placeholder((1, h, b, d), F16, name="residual_k")
-    res_v = te.placeholder((1, h, b, d), F16, name="residual_v")
+    # sinks/residual: placeholders and fp32 loaders of element (head, token, channel)
+    (sink_k, load_sk), (sink_v, load_sv), (res_k, load_rk), (res_v, load_rv) = (
+        plain_input(f"{part}_{side}", (1, h, t, d), g, p.residual) for part, t in (("sink", s), ("residual", b))
+        for side in "kv")
     unrotate = _unrotate_dense if dense_rotation else _unrotate
     u8 = p.meta == "u8"
     md = U8 if u8 else F16
@@ -203,10 +206,10 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
     sr = te.compute((h, r, c, n, u, 8), lambda i, j, k, m, t, l: te.sum(
         qb[i, m, j, k, rh, re_] * kr[i, m, rh, re_, t, l], axis=[rh, re_]), name="score_ring")
 
-    # ---- residual and sinks (fp16, small) -------------------------------------------------
-    def fp16_rot(src, i, tok, e, cs, sn):
-        x = src[0, i, tok, e].astype(F32)
-        other = src[0, i, tok, tirx.floormod(e + d2, d)].astype(F32)
+    # ---- residual and sinks (fp16 or 8-bit, small) -----------------------------------------
+    def plain_rot(load, i, tok, e, cs, sn):
+        x = load(0, i, tok, e)
+        other = load(0, i, tok, tirx.floormod(e + d2, d))
         return x * cs + tirx.Select(e < d2, -other, other) * sn
 
     def res_angle(tok, e):
@@ -214,11 +217,11 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         bc, bs, oc, os_ = blk_cos[n, e2], blk_sin[n, e2], off_cos[e2, tok], off_sin[e2, tok]
         return bc * oc - bs * os_, bs * oc + bc * os_
 
-    ker = te.compute((h, b, d), lambda i, tok, e: fp16_rot(res_k, i, tok, e, *res_angle(tok, e)), name="krot_res")
+    ker = te.compute((h, b, d), lambda i, tok, e: plain_rot(load_rk, i, tok, e, *res_angle(tok, e)), name="krot_res")
     ee = te.reduce_axis((0, d), name="ee")
     se = te.compute((h, r, c, b), lambda i, j, k, tok: te.sum(qs[i, j, k, ee] * ker[i, tok, ee], axis=ee), name="score_res")
     if s:
-        ks = te.compute((h, s, d), lambda i, tok, e: fp16_rot(sink_k, i, tok, e, sink_cos[tok, tirx.floormod(e, d2)],
+        ks = te.compute((h, s, d), lambda i, tok, e: plain_rot(load_sk, i, tok, e, sink_cos[tok, tirx.floormod(e, d2)],
                                                               sink_sin[tok, tirx.floormod(e, d2)]), name="krot_sink")
         es = te.reduce_axis((0, d), name="es")
         ss = te.compute((h, r, c, s), lambda i, j, k, tok: te.sum(qs[i, j, k, es] * ks[i, tok, es], axis=es), name="score_sink")
@@ -289,10 +292,10 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
     orr = te.compute((h, r, c, w, 8), lambda i, j, k, x, l: te.sum(
         er[i, j, k, om, ot // 8, ot % 8] * vd[i, om, ot, x, l], axis=[om, ot]), name="pv_ring")
     oe = te.reduce_axis((0, b), name="oe")
-    ore = te.compute((h, r, c, d), lambda i, j, k, e: te.sum(ep[i, j, k, oe] * res_v[0, i, oe, e].astype(F32), axis=oe), name="pv_res")
+    ore = te.compute((h, r, c, d), lambda i, j, k, e: te.sum(ep[i, j, k, oe] * load_rv(0, i, oe, e), axis=oe), name="pv_res")
     if s:
         osn = te.reduce_axis((0, s), name="osn")
-        ors = te.compute((h, r, c, d), lambda i, j, k, e: te.sum(es_[i, j, k, osn] * sink_v[0, i, osn, e].astype(F32), axis=osn), name="pv_sink")
+        ors = te.compute((h, r, c, d), lambda i, j, k, e: te.sum(es_[i, j, k, osn] * load_sv(0, i, osn, e), axis=osn), name="pv_sink")
 
     if p.rotate and bv != 16:
         # ring values are V H: their weighted sum is (P V) H, un-rotated once per query head
@@ -308,10 +311,10 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         return v / denom[i, j, k]
 
     out = te.compute((1, hq, c, d), _out, name="o")
-    return [q, sink_k, sink_v, res_k, res_v, *ring_k, *ring_v,
+    return [q, *sink_k, *sink_v, *res_k, *res_v, *ring_k, *ring_v,
             sink_cos, sink_sin, blk_cos, blk_sin, off_cos, off_sin, counts, out]
 
 
 def attention_func(p: AttnParams, dense_rotation: bool = False):
-    """The PrimFunc; argument order is `attention_te`'s (inputs..., o)."""
+    """The PrimFunc; argument order is `attention_te`'s (q, p.cache_names..., tables, counts, o)."""
     return te.create_prim_func(attention_te(p, dense_rotation)).with_attr("global_symbol", f"attn_{p.key}")

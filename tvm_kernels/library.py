@@ -1,9 +1,11 @@
 """One shared library per (bundle, device): every kernel a policy needs, compiled for the
 device's target (cross-compiled where the host is not the device) and exported.
 
-Function names are stable so a loader finds them from the policy alone:
+Function names are stable so a loader finds them from the policy alone (`kernel_names`):
   pack_k_b{bits}, pack_v_b{bits}        one residual block -> ring slot
   decode_k{bk}_v{bv}, prefill_k{bk}_v{bv}  attention (one query / one prefill chunk)
+each with the suffix `_r8` for an 8-bit sink/residual (policy.residual "u8"), whose
+kernels take other buffers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tvm
 
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.tvm_kernels.build import compile_module, cuda_source, nvcc_fatbin, scheduled_attention, scheduled_pack
-from edgekv.tvm_kernels.params import attn_params, pack_params
+from edgekv.tvm_kernels.params import attn_params, pack_params, residual_suffix
 from edgekv.tvm_kernels.targets import is_gpu
 
 # gcc driver per cross triple (Debian's gcc-<triple> packages).
@@ -38,9 +40,10 @@ def kernel_names(policy: CachePolicy) -> KernelSet:
     plain = (policy.rotation == "none" and policy.meta == "fp16" and not policy.clip
              and policy.key_feedback is None)
     packs = [] if not plain else sorted({("k", b) for b in policy.bits_k if b < 16} | {("v", b) for b in policy.bits_v if b < 16})
-    return KernelSet({pr: f"decode_k{pr[0]}_v{pr[1]}" for pr in pairs},
-                     {pr: f"prefill_k{pr[0]}_v{pr[1]}" for pr in pairs},
-                     {pk: f"pack_{pk[0]}_b{pk[1]}" for pk in packs})
+    r = residual_suffix(policy.residual)
+    return KernelSet({pr: f"decode_k{pr[0]}_v{pr[1]}{r}" for pr in pairs},
+                     {pr: f"prefill_k{pr[0]}_v{pr[1]}{r}" for pr in pairs},
+                     {pk: f"pack_{pk[0]}_b{pk[1]}{r}" for pk in packs})
 
 
 def build_module(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int,

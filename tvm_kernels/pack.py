@@ -1,8 +1,10 @@
 """Pack kernel (TE): quantize and pack one full residual block, bit exact with
 edgekv.quant / edgekv.packing.
 
-Keys [1,H,B,D] fp16 -> codes [1,H,D,B*b/8] (per channel over the block), scale/zero [1,H,D].
-Values [1,H,B,D] fp16 -> codes [1,H,B,D*b/8] (per token in groups of G), scale/zero [1,H,B,D/G].
+Keys [1,H,B,D] -> codes [1,H,D,B*b/8] (per channel over the block), scale/zero [1,H,D].
+Values [1,H,B,D] -> codes [1,H,B,D*b/8] (per token in groups of G), scale/zero [1,H,B,D/G].
+The block is the residual as stored: fp16, or (residual "u8") 8-bit codes [1,H,B,D] with
+fp16 scale/zero [1,H,B,D/G], dequantized to fp32 first as the reference cache does.
 
 The recipe is quant.py's, step by step in fp32: scale = fp16((max-min)/(2^b-1)),
 zero = fp16(min), code = clip(round_half_even((x - zero)/scale)) with the *stored* fp16
@@ -14,9 +16,28 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from edgekv.policy import plain_names
 from edgekv.tvm_kernels.params import PackParams
 
 F32, F16, U8 = "float32", "float16", "uint8"
+
+
+def plain_input(name: str, shape: tuple, group: int, residual: str):
+    """Placeholders of a sink/residual buffer [..., D] (CachePolicy.plain_tensors) and a
+    loader of its element at an index as fp32: the fp16 value, or with residual "u8"
+    code * scale + zero of the channel's group. An 8-bit code times an fp16 scale is exact
+    in fp32, so a fused multiply-add rounds to the reference's value too."""
+    names = plain_names(name, residual)
+    if residual == "fp16":
+        x = te.placeholder(shape, F16, name=name)
+        return [x], lambda *ix: x[ix].astype(F32)
+    x = te.placeholder(shape, U8, name=name)
+    sc, z = (te.placeholder((*shape[:-1], shape[-1] // group), F16, name=n) for n in names[1:])
+
+    def load(*ix):
+        at = (*ix[:-1], ix[-1] // group)
+        return x[ix].astype(F32) * sc[at].astype(F32) + z[at].astype(F32)
+    return [x, sc, z], load
 
 
 def _codes(x, scale, zero, levels: int):
@@ -51,36 +72,36 @@ def _pack_stream(code_at, nbytes: int, bits: int, shape_pre: tuple, name: str):
 def pack_keys_te(p: PackParams) -> list[te.Tensor]:
     h, b, d, bits = p.heads, p.block, p.head_dim, p.bits
     levels = (1 << bits) - 1
-    x = te.placeholder((1, h, b, d), F16, name="x")
+    inputs, x = plain_input("x", (1, h, b, d), p.group, p.residual)
     t = te.reduce_axis((0, b), name="t")
-    mn = te.compute((1, h, d), lambda n, i, c: te.min(x[n, i, t, c].astype(F32), axis=t), name="kmin")
+    mn = te.compute((1, h, d), lambda n, i, c: te.min(x(n, i, t, c), axis=t), name="kmin")
     t2 = te.reduce_axis((0, b), name="t2")
-    mx = te.compute((1, h, d), lambda n, i, c: te.max(x[n, i, t2, c].astype(F32), axis=t2), name="kmax")
+    mx = te.compute((1, h, d), lambda n, i, c: te.max(x(n, i, t2, c), axis=t2), name="kmax")
     scale = te.compute((1, h, d), lambda n, i, c: ((mx[n, i, c] - mn[n, i, c]) / tirx.const(float(levels), F32)).astype(F16), name="scale")
     zero = te.compute((1, h, d), lambda n, i, c: mn[n, i, c].astype(F16), name="zero")
-    codes = te.compute((1, h, d, b), lambda n, i, c, tok: _codes(x[n, i, tok, c], scale[n, i, c], zero[n, i, c], levels), name="kcodes")
+    codes = te.compute((1, h, d, b), lambda n, i, c, tok: _codes(x(n, i, tok, c), scale[n, i, c], zero[n, i, c], levels), name="kcodes")
     packed = _pack_stream(lambda n, i, c, k: codes[n, i, c, k], b * bits // 8, bits, (1, h, d), "codes")
-    return [x, packed, scale, zero]
+    return [*inputs, packed, scale, zero]
 
 
 def pack_values_te(p: PackParams) -> list[te.Tensor]:
     h, b, d, g, bits = p.heads, p.block, p.head_dim, p.group, p.bits
     levels = (1 << bits) - 1
     ng = d // g
-    x = te.placeholder((1, h, b, d), F16, name="x")
+    inputs, x = plain_input("x", (1, h, b, d), g, p.residual)
     e = te.reduce_axis((0, g), name="e")
-    mn = te.compute((1, h, b, ng), lambda n, i, tok, k: te.min(x[n, i, tok, k * g + e].astype(F32), axis=e), name="vmin")
+    mn = te.compute((1, h, b, ng), lambda n, i, tok, k: te.min(x(n, i, tok, k * g + e), axis=e), name="vmin")
     e2 = te.reduce_axis((0, g), name="e2")
-    mx = te.compute((1, h, b, ng), lambda n, i, tok, k: te.max(x[n, i, tok, k * g + e2].astype(F32), axis=e2), name="vmax")
+    mx = te.compute((1, h, b, ng), lambda n, i, tok, k: te.max(x(n, i, tok, k * g + e2), axis=e2), name="vmax")
     scale = te.compute((1, h, b, ng), lambda *ix: ((mx[ix] - mn[ix]) / tirx.const(float(levels), F32)).astype(F16), name="scale")
     zero = te.compute((1, h, b, ng), lambda *ix: mn[ix].astype(F16), name="zero")
     codes = te.compute((1, h, b, d), lambda n, i, tok, c: _codes(
-        x[n, i, tok, c], scale[n, i, tok, c // g], zero[n, i, tok, c // g], levels), name="vcodes")
+        x(n, i, tok, c), scale[n, i, tok, c // g], zero[n, i, tok, c // g], levels), name="vcodes")
     packed = _pack_stream(lambda n, i, tok, k: codes[n, i, tok, k], d * bits // 8, bits, (1, h, b), "codes")
-    return [x, packed, scale, zero]
+    return [*inputs, packed, scale, zero]
 
 
 def pack_func(p: PackParams, side: str):
-    """The PrimFunc (x, codes, scale, zero) for 'k' or 'v'."""
+    """The PrimFunc (x, [x_scale, x_zero,] codes, scale, zero) for 'k' or 'v'."""
     args = pack_keys_te(p) if side == "k" else pack_values_te(p)
     return te.create_prim_func(args).with_attr("global_symbol", f"pack_{side}_{p.key}")

@@ -9,10 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgekv.packing import PACKED_BITS
-from edgekv.policy import SUPPORTED_BITS, CachePolicy, KVShape
+from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, plain_names, quantized_parts
 
 PACK_BITS = PACKED_BITS
 ATTN_BITS = SUPPORTED_BITS  # 16: an fp16 ring
+
+
+def _check_residual(residual: str) -> None:
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+
+
+def residual_suffix(residual: str) -> str:
+    """Appended to kernel keys and library names: a kernel built for one sink/residual
+    format must never be called on the other's buffers."""
+    return "_r8" if residual == "u8" else ""
 
 
 @dataclass(frozen=True)
@@ -25,8 +36,10 @@ class PackParams:
     block: int
     group: int
     bits: int
+    residual: str = "fp16"  # input format (policy.residual): fp16, or u8 codes + scale/zero per group
 
     def __post_init__(self) -> None:
+        _check_residual(self.residual)
         if self.bits not in PACK_BITS:
             raise ValueError(f"pack supports bits {PACK_BITS}, got {self.bits}")
         if self.block % 8 or self.head_dim % self.group or self.group % 8:
@@ -34,7 +47,7 @@ class PackParams:
 
     @property
     def key(self) -> str:
-        return f"h{self.heads}_d{self.head_dim}_b{self.block}_g{self.group}_q{self.bits}"
+        return f"h{self.heads}_d{self.head_dim}_b{self.block}_g{self.group}_q{self.bits}{residual_suffix(self.residual)}"
 
 
 @dataclass(frozen=True)
@@ -54,8 +67,10 @@ class AttnParams:
     chunk: int = 1
     rotate: bool = False  # quantized ring blocks hold K/V times the Hadamard matrix (policy.rotation)
     meta: str = "fp16"  # scale/zero storage (policy.meta): fp16, or u8 codes + per-block meta
+    residual: str = "fp16"  # sinks/residual storage (policy.residual): fp16, or u8 codes + scale/zero
 
     def __post_init__(self) -> None:
+        _check_residual(self.residual)
         if self.meta not in ("fp16", "u8"):
             raise ValueError(f"meta must be 'fp16' or 'u8', got {self.meta!r}")
         if self.rotate and self.head_dim & (self.head_dim - 1):
@@ -79,7 +94,15 @@ class AttnParams:
     def key(self) -> str:
         return (f"hq{self.num_heads}_hkv{self.num_kv_heads}_d{self.head_dim}_s{self.sinks}"
                 f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}"
-                + ("_rot" if self.rotate else "") + ("_m8" if self.meta == "u8" else ""))
+                + ("_rot" if self.rotate else "") + ("_m8" if self.meta == "u8" else "") + residual_suffix(self.residual))
+
+    @property
+    def cache_names(self) -> list[str]:
+        """The layer's cache buffers the kernel takes (after q), in argument order."""
+        plain = [n for part in ("sink", "residual") for side in "kv" for n in plain_names(f"{part}_{side}", self.residual)]
+        ring = [[f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in quantized_parts(self.meta)]
+                for side, bits in (("k", self.bits_k), ("v", self.bits_v))]
+        return plain + ring[0] + ring[1]
 
     @property
     def tokens(self) -> int:
@@ -90,12 +113,13 @@ class AttnParams:
         """Bytes of cache one call reads with `ring_tokens` valid ring tokens (default all)."""
         h, d, b = self.num_kv_heads, self.head_dim, self.block
         w = self.slots * b if ring_tokens is None else ring_tokens
-        fp16 = (self.sinks + b) * h * d * 2 * 2
+        per_token = d * 2 if self.residual == "fp16" else d + (d // self.group) * 4  # bytes per head
+        plain = (self.sinks + b) * h * per_token * 2
         sz = 2 if self.meta == "u8" else 4  # scale + zero bytes per group
         blk = (w // b) * h * 6 if self.meta == "u8" else 0  # per-block meta
         k = w * h * d * 2 if self.bits_k == 16 else w * h * d * self.bits_k // 8 + (w // b) * h * d * sz + blk
         v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group) * sz) + blk
-        return fp16 + k + v
+        return plain + k + v
 
 
 def pack_params(policy: CachePolicy, shape: KVShape, layer: int, side: str) -> PackParams | None:
@@ -103,7 +127,7 @@ def pack_params(policy: CachePolicy, shape: KVShape, layer: int, side: str) -> P
     bits = policy.bits_k[layer] if side == "k" else policy.bits_v[layer]
     if bits == 16:
         return None
-    return PackParams(shape.num_kv_heads, shape.head_dim, policy.block, policy.group, bits)
+    return PackParams(shape.num_kv_heads, shape.head_dim, policy.block, policy.group, bits, policy.residual)
 
 
 def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
@@ -112,4 +136,4 @@ def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
     slots = policy.ring_capacity(context) // policy.block
     return AttnParams(num_heads, shape.num_kv_heads, shape.head_dim, policy.sinks, slots,
                       policy.block, policy.group, policy.bits_k[layer], policy.bits_v[layer], chunk,
-                      policy.rotation == "hadamard", policy.meta)
+                      policy.rotation == "hadamard", policy.meta, policy.residual)

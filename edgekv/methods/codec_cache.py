@@ -39,7 +39,7 @@ class CodecCache(CompressedKVCache):
             self._grow(layer)
         c, b = self.layers[layer], self.policy.block
         slot = self._slot_for_next_block(layer)
-        k, v = c["residual_k"].float(), c["residual_v"].float()
+        k, v = self.plain(layer, "residual_k", b), self.plain(layer, "residual_v", b)
         bk, bv = self.bits_k[layer], self.bits_v[layer]
         if bk != 16:
             k = self._unrotate(self._encode_keys(layer, self._rotate(k), bk))

@@ -20,7 +20,8 @@ def bundle_label(manifest: dict) -> str:
     else:
         bits = f"mixed {p.get('average_bits', 0):.2f}-bit"
     rot = f" {p['rotation']}" if p.get("rotation", "none") != "none" and bits != "fp16" else ""
-    meta = f" meta {p['meta']}" if p.get("meta", "fp16") != "fp16" and bits != "fp16" else ""
+    meta = "".join(f" {key} {p[key]}" for key in ("meta", "residual")
+                   if p.get(key, "fp16") != "fp16" and bits != "fp16")
     return f"edgekv {bits} W{p['window']}{rot}{meta}"
 
 

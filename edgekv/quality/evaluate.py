@@ -23,6 +23,7 @@ class EvalSetting:
     positions: str = "cache"
     rotation: str = "none"
     meta: str = "fp16"
+    residual: str = "fp16"  # sinks/residual storage of quantized settings (CachePolicy.residual)
     clip: bool = True  # calibrated settings: calibrate range clipping too (edgekv.clipping)
     feedback: bool = True  # calibrated settings: round keys query-aware (edgekv.key_feedback)
     calibrated: float | None = None  # average code width: per-layer bits from calibration
@@ -35,6 +36,8 @@ class EvalSetting:
             w += f" {self.rotation}"
         if self.meta != "fp16" and not self.bits_k == self.bits_v == 16:
             w += f" meta {self.meta}"
+        if self.residual != "fp16" and not self.bits_k == self.bits_v == 16:
+            w += f" residual {self.residual}"
         if self.calibrated is not None or self.kv_ratio is not None:
             what = f"{self.calibrated:g}-bit" if self.kv_ratio is None else f"{self.kv_ratio:g}x fp16"
             return (f"calibrated {what} {w}" + ("" if self.clip else " min/max")
@@ -44,14 +47,17 @@ class EvalSetting:
         return f"{kv} {w}"
 
     def geometry(self) -> tuple:
-        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta, self.clip,
-                self.feedback)
+        return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta,
+                self.residual, self.clip, self.feedback)
 
     def policy(self, num_layers: int) -> CachePolicy:
         """The cache policy; for a calibrated setting, its geometry with the base widths
-        (the bits come from `calibrated_setting`)."""
+        (the bits come from `calibrated_setting`). The fp16 setting keeps fp16 sinks and
+        residual: it is the baseline."""
+        fp16 = self.bits_k == self.bits_v == 16
         common = dict(window=self.window, sinks=self.sinks, block=self.block, group=self.group,
-                      positions=self.positions, rotation=self.rotation, meta=self.meta)
+                      positions=self.positions, rotation=self.rotation, meta=self.meta,
+                      residual="fp16" if fp16 else self.residual)
         return CachePolicy.uniform(num_layers, bits_k=self.bits_k, bits_v=self.bits_v, **common)
 
 

@@ -1,7 +1,8 @@
 """The compressed KV cache in PyTorch: preallocated buffers, counters, one write per step.
 
 Layout per layer (batch N, KV heads H, head_dim D), as `CachePolicy.layer_tensors` lists:
-sinks [N,H,S,D] fp16, residual [N,H,B,D] fp16, and a ring of W/B blocks: keys packed per
+sinks [N,H,S,D] and residual [N,H,B,D] in fp16 (or 8-bit codes per token with a scale and
+zero per group, policy.residual "u8"), and a ring of W/B blocks: keys packed per
 channel over each block, values packed per token in groups of G (or fp16 at 16 bits).
 Keys are stored pre-RoPE; `view` returns them with the positions RoPE must use.
 
@@ -87,6 +88,35 @@ class CompressedKVCache:
                 t.zero_()
         self.n_sink = self.n_res = self.blocks_pushed = 0
 
+    # ---- the sinks and the residual (fp16, or 8-bit per token) ------------------------
+    def read_back(self, x: torch.Tensor) -> torch.Tensor:
+        """New K/V [N,H,T,D] as attention reads them once stored in the sinks or the
+        residual: fp16-rounded, and with residual "u8" through 8-bit codes (`append` must
+        then be given the fp16-rounded tensor, which it quantizes to the same codes)."""
+        x = x.to(torch.float16).float()
+        if self.policy.residual == "fp16":
+            return x
+        g, d = self.policy.group, x.shape[-1]
+        return qt.dequantize_values(*qt.quantize_values(x, 8, g), 8, g, d)
+
+    def plain(self, layer: int, name: str, n: int) -> torch.Tensor:
+        """The first n tokens of sink or residual buffer `name` ("sink_k", "residual_v", ...)
+        of a layer, float32 [N,H,n,D]."""
+        c = self.layers[layer]
+        if self.policy.residual == "fp16":
+            return c[name][:, :, :n].float()
+        return qt.dequantize_values(c[name][:, :, :n], c[f"{name}_scale"][:, :, :n], c[f"{name}_zero"][:, :, :n],
+                                    8, self.policy.group, self.shape.head_dim)
+
+    def _write_plain(self, layer: int, name: str, at: int, x: torch.Tensor) -> None:
+        c, t = self.layers[layer], x.shape[2]
+        if self.policy.residual == "fp16":
+            c[name][:, :, at:at + t] = x.to(torch.float16)
+            return
+        for suffix, part in zip(("", "_scale", "_zero"), qt.quantize_values(x.to(torch.float16).float(), 8,
+                                                                              self.policy.group)):
+            c[f"{name}{suffix}"][:, :, at:at + t] = part
+
     # ---- reading -----------------------------------------------------------------------
     def _ring_order(self) -> list[int]:
         filled, slots = self.ring_filled, self.ring_slots
@@ -134,10 +164,10 @@ class CompressedKVCache:
             ring_k = ring_k @ self.rotation["k"].T
         if "v" in self.rotation and bv != 16:
             ring_v = ring_v @ self.rotation["v"].T
-        k = torch.cat([c["sink_k"][:, :, :self.n_sink].float(), ring_k,
-                       c["residual_k"][:, :, :self.n_res].float()], dim=2)
-        v = torch.cat([c["sink_v"][:, :, :self.n_sink].float(), ring_v,
-                       c["residual_v"][:, :, :self.n_res].float()], dim=2)
+        k = torch.cat([self.plain(layer, "sink_k", self.n_sink), ring_k,
+                       self.plain(layer, "residual_k", self.n_res)], dim=2)
+        v = torch.cat([self.plain(layer, "sink_v", self.n_sink), ring_v,
+                       self.plain(layer, "residual_v", self.n_res)], dim=2)
         return k, v
 
     # ---- writing -----------------------------------------------------------------------
@@ -147,15 +177,11 @@ class CompressedKVCache:
         t = k.shape[2]
         if t > self.room():
             raise ValueError(f"append of {t} tokens crosses a block boundary (room {self.room()})")
-        c, p = self.layers[layer], self.policy
-        k16, v16 = k.to(torch.float16), v.to(torch.float16)
-        if self.n_sink < p.sinks:
-            c["sink_k"][:, :, self.n_sink:self.n_sink + t] = k16
-            c["sink_v"][:, :, self.n_sink:self.n_sink + t] = v16
-            return
-        c["residual_k"][:, :, self.n_res:self.n_res + t] = k16
-        c["residual_v"][:, :, self.n_res:self.n_res + t] = v16
-        if self.n_res + t == p.block:
+        p = self.policy
+        part, at = ("sink", self.n_sink) if self.n_sink < p.sinks else ("residual", self.n_res)
+        self._write_plain(layer, f"{part}_k", at, k)
+        self._write_plain(layer, f"{part}_v", at, v)
+        if part == "residual" and self.n_res + t == p.block:
             self._push_block(layer)
 
     def _push_block(self, layer: int) -> None:
@@ -167,13 +193,13 @@ class CompressedKVCache:
         slot = self.blocks_pushed % self._slots(layer)
         b = p.block
         bk, bv = p.bits_k[layer], p.bits_v[layer]
-        rk, rv = c["residual_k"], c["residual_v"]
+        rk, rv = self.plain(layer, "residual_k", b), self.plain(layer, "residual_v", b)
         if "k" in self.rotation and bk != 16:
-            rk = rk.float() @ self.rotation["k"]
+            rk = rk @ self.rotation["k"]
         if "v" in self.rotation and bv != 16:
-            rv = rv.float() @ self.rotation["v"]
+            rv = rv @ self.rotation["v"]
         if bk == 16:
-            c["ring_k"][:, :, slot] = rk
+            c["ring_k"][:, :, slot] = rk.to(torch.float16)
         else:
             fb = None if self.key_feedback is None else self.key_feedback[layer]
             q = qt.quantize_keys(rk, bk, p.meta, p.clip_ratio("k", bk), fb)
@@ -181,7 +207,7 @@ class CompressedKVCache:
                 c[f"ring_k_{part}"][:, :, slot] = x
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
-            c["ring_v"][:, :, toks] = rv
+            c["ring_v"][:, :, toks] = rv.to(torch.float16)
         else:
             q = qt.quantize_values(rv, bv, p.group, p.meta, p.clip_ratio("v", bv))  # one block: its meta is per block
             for part, x in zip(("codes", "scale", "zero"), q):

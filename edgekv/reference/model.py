@@ -3,8 +3,8 @@
 The wrapper reuses the model's own modules (embeddings, norms, projections, MLP, rotary
 embedding) and replaces only attention: new keys and values go into the compressed
 cache pre-RoPE, and RoPE is applied at attention time to the dequantized cache with the
-positions the policy assigns. New tokens' K/V are rounded to fp16 before attention, as
-they would be when read back from the fp16 residual, so a chunk of tokens gives the same
+positions the policy assigns. New tokens' K/V are rounded before attention as they would
+be when read back from the residual (`CompressedKVCache.read_back`), so a chunk of tokens gives the same
 result as feeding them one at a time (tests/test_reference_model.py proves it).
 """
 
@@ -87,11 +87,10 @@ class ReferenceModel:
             q = attn.q_proj(x).view(n, t, self.num_heads, hd).transpose(1, 2)
             k = attn.k_proj(x).view(n, t, nkv, hd).transpose(1, 2)
             v = attn.v_proj(x).view(n, t, nkv, hd).transpose(1, 2)
-            k = k.to(torch.float16).float()
-            v = v.to(torch.float16).float()
+            k, v = k.to(torch.float16), v.to(torch.float16)  # what the cache stores (append)
             ck, cv = cache.view(i)
-            keys = self._rope(torch.cat([ck, k], dim=2), pos_all)
-            vals = torch.cat([cv, v], dim=2)
+            keys = self._rope(torch.cat([ck, cache.read_back(k)], dim=2), pos_all)
+            vals = torch.cat([cv, cache.read_back(v)], dim=2)
             q = self._rope(q, pos_new)
             observe = getattr(cache, "observe_attention", None)  # eviction methods (edgekv.methods)
             if observe is not None:
