@@ -54,13 +54,14 @@ def test_types_propagate_through_casts_and_if_branches():
 @pytest.fixture(scope="module")
 def mixed_bundles(tiny_model_dir, tmp_path_factory):
     """Bundles with every code width on both sides, in both metadata formats, rotated,
-    clipped and with key feedback (a 7-layer tiny model)."""
+    clipped and with key feedback (a 7-layer tiny model); the u8 one with 8-bit sinks and
+    residual too."""
     model = tiny_llama(num_layers=len(WIDTHS_K))
     shape = KVShape(len(WIDTHS_K), 2, 16)
     out = {}
     for meta in ("fp16", "u8"):
         policy = CachePolicy(bits_k=WIDTHS_K, bits_v=WIDTHS_V, window=32, sinks=4, block=8, group=8, meta=meta,
-                             rotation="hadamard", clip=CLIPS, key_feedback=_key_feedback(shape))
+                             rotation="hadamard", clip=CLIPS, key_feedback=_key_feedback(shape), residual=meta)
         out[meta] = make_bundle(model, tiny_model_dir, tmp_path_factory.mktemp(meta) / "b", policy)
     return out
 
