@@ -33,19 +33,25 @@ def load(max_tokens: int):
 
 
 def shipped_parser(doc: str, json_default: str) -> argparse.ArgumentParser:
-    """parser() plus the window of the shipped geometry (`shipped`)."""
+    """parser() plus the window, value group and sink/residual storage of the shipped
+    geometry (`shipped`; results before 2026-12-04's session 14 used group 32 and an fp16
+    residual: pass --group 32 --residual fp16 to reproduce them)."""
     ap = parser(doc, json_default)
     ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--residual", default="u8", choices=["u8", "fp16"])
     return ap
 
 
 def shipped(args):
-    """load() plus the shipped cache geometry (Hadamard rotation, 8-bit metadata) at
-    args.window and a uniform 3-bit base policy of it: (loaded, KVShape, ids, geometry, base)."""
+    """load() plus the shipped cache geometry (Hadamard rotation, 8-bit metadata, the value
+    group and sink/residual storage of args) at args.window and a uniform 3-bit base policy
+    of it: (loaded, KVShape, ids, geometry, base)."""
     from edgekv.policy import CachePolicy
 
     loaded, shape, ids = load(args.max_tokens)
-    geometry = dict(window=args.window, sinks=4, block=32, group=32, rotation="hadamard", meta="u8")
+    geometry = dict(window=args.window, sinks=4, block=32, group=args.group, rotation="hadamard", meta="u8",
+                    residual=args.residual)
     return loaded, shape, ids, geometry, CachePolicy.uniform(shape.num_layers, 3, **geometry)
 
 
@@ -57,7 +63,7 @@ def score(loaded, shape, geometry: dict, layouts: list[tuple[dict, object]], ids
     from edgekv.quality.divergence import divergences
     from edgekv.reference.model import ReferenceModel
 
-    fp16 = ReferenceModel(loaded.model, CachePolicy.uniform(shape.num_layers, 16, **geometry))
+    fp16 = ReferenceModel(loaded.model, CachePolicy.uniform(shape.num_layers, 16, **geometry).fp16_equivalent())
     t0 = time.perf_counter()
     scores = divergences(fp16, [ReferenceModel(loaded.model, p) for _, p in layouts], ids, sequences=sequences)
     rows = [{**fields, "kl": d.kl, "ppl": d.ppl_test, "reference_ppl": d.ppl_reference, "delta_pct": d.delta_pct,

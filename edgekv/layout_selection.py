@@ -59,8 +59,7 @@ def select(model, ids: list[int], sens: Sensitivity, base: CachePolicy,
 
     t0 = time.perf_counter()
     cands = candidates(sens, base, target)
-    n = base.num_layers
-    fp16 = ReferenceModel(model, base.with_(bits_k=(16,) * n, bits_v=(16,) * n))
+    fp16 = ReferenceModel(model, base.fp16_equivalent())
     scores = divergences(fp16, [ReferenceModel(model, p) for p in cands.values()], ids)
     kl = {name: s.kl for name, s in zip(cands, scores)}
     best = min(kl, key=kl.get)  # ties: the first, i.e. the plain allocation

@@ -94,3 +94,25 @@ def test_manifest_policy_reads_clip_and_older_bundles_without_it():
     assert got.clip_ratio("k", 3) == 0.95
     with pytest.raises(BundleError, match="policy"):
         manifest_policy({"policy": {**policy, "clip": [["k", 3]]}, "model": model})
+
+
+def test_u8_residual_bytes_by_hand():
+    """8-bit sinks/residual: 1 byte per element plus an fp16 scale and zero per group of G
+    per token; the fp16 baseline of the ratio keeps fp16 sinks and residual."""
+    kw = dict(window=1024, sinks=4, block=32, meta="u8")
+    h, d = 3, 64
+    for g in (32, 64):
+        p = CachePolicy.uniform(30, 3, group=g, residual="u8", **kw)
+        plain = (4 + 32) * h * 2 * (d + 4 * d // g)  # K and V: codes, fp16 scale + zero per group
+        ring = CachePolicy.uniform(30, 3, group=g, **kw)
+        assert p.layer_bytes(SHAPE, 0) == ring.layer_bytes(SHAPE, 0) - (4 + 32) * h * d * 2 * 2 + plain
+        base = p.fp16_equivalent()
+        assert base.residual == "fp16" and base == ring.fp16_equivalent()
+        assert p.fp16_ratio(SHAPE) == p.total_bytes(SHAPE) / base.total_bytes(SHAPE)
+        names = {t.name: (t.shape, t.dtype) for t in p.layer_tensors(SHAPE, 0)}
+        assert names["residual_k"] == ((1, h, 32, d), "uint8") and names["sink_v_zero"] == ((1, h, 4, d // g), "float16")
+        assert "residual=u8" in p.describe()
+    # G64: the whole 3-bit cache within 0.23x of fp16 at W1024 (the issue's goal)
+    assert CachePolicy.uniform(30, 3, group=64, residual="u8", **kw).fp16_ratio(SHAPE) == pytest.approx(60576 / 271360)
+    with pytest.raises(PolicyError, match="residual must be one of"):
+        CachePolicy.uniform(30, 3, residual="int4")

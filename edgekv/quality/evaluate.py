@@ -115,8 +115,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
         t0 = time.perf_counter()
         kl = None
         if policy.average_bits() < 16:  # in lockstep with the fp16 cache of the same geometry
-            n = shape.num_layers
-            fp16 = ReferenceModel(model, policy.with_(bits_k=(16,) * n, bits_v=(16,) * n))
+            fp16 = ReferenceModel(model, policy.fp16_equivalent())
             d = divergence(fp16, ref, ids, sequences=sequences, progress=progress)
             ppl, kl = d.ppl_test, d.kl
         else:
