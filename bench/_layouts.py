@@ -34,11 +34,11 @@ def load(max_tokens: int):
 
 def shipped_parser(doc: str, json_default: str) -> argparse.ArgumentParser:
     """parser() plus the window, value group and sink/residual storage of the shipped
-    geometry (`shipped`; results before 2026-12-04's session 14 used group 32 and an fp16
-    residual: pass --group 32 --residual fp16 to reproduce them)."""
+    geometry (`shipped`; results before 2026-12-04's session 14 used an fp16 residual:
+    pass --residual fp16 to reproduce them)."""
     ap = parser(doc, json_default)
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--residual", default="u8", choices=["u8", "fp16"])
     return ap
 

@@ -161,10 +161,13 @@ def _layer_bits(s: str) -> list[tuple[int, int]]:
 def _add_policy_args(p) -> None:
     p.add_argument("--window", type=_window, default=1024,
                    help="ring capacity in tokens (a multiple of --block); 'none' never evicts")
-    p.add_argument("--sinks", type=int, default=4, help="first tokens kept in fp16 forever")
+    p.add_argument("--sinks", type=int, default=4, help="first tokens kept forever (stored as --residual says)")
     p.add_argument("--block", type=int, default=32, help="tokens per quantized key block "
-                                                         "(also the fp16 residual length)")
-    p.add_argument("--group", type=int, default=32, help="channels per value quantization group")
+                                                         "(also the residual's length)")
+    p.add_argument("--group", type=int, default=32,
+                   help="channels per value quantization group (and per 8-bit residual group); 64 "
+                        "halves the values' scale/zero bytes: a 3-bit cache at W1024 is 0.223x of "
+                        "fp16 instead of 0.232x, at about 10 %% more KL on SmolLM2 (BENCHMARKS.md)")
     p.add_argument("--positions", choices=["cache", "original"], default="cache",
                    help="RoPE positions: inside the cache (StreamingLLM) or the original ones")
     p.add_argument("--rotation", choices=["hadamard", "none"], default="hadamard",
@@ -178,11 +181,13 @@ def _add_policy_args(p) -> None:
                         "head (0.52 bits per element); fp16 per group (1 bit per element at block = "
                         "group = 32). On SmolLM2 u8 costs 4-12 %% KL at equal code widths and wins "
                         "at equal bytes (--bits 3.5 u8 vs --bits 3 fp16: same memory, -54 %% KL); a "
-                        "3-bit cache is 0.247x of fp16 with u8, 0.275x with fp16 (W1024)")
-    p.add_argument("--residual", choices=["u8", "fp16"], default="fp16",
-                   help="storage of the sinks and the residual (the newest --block tokens): u8, "
-                        "8-bit codes per token with an fp16 scale and zero per --group channels "
-                        "(9 bits per element at group 32); fp16")
+                        "3-bit cache with an fp16 residual is 0.247x of fp16 with u8, 0.275x with fp16 "
+                        "(W1024)")
+    p.add_argument("--residual", choices=["u8", "fp16"], default="u8",
+                   help="storage of the sinks and the residual (the newest, not yet quantized "
+                        "--block tokens): u8, 8-bit codes per token with an fp16 scale and zero per "
+                        "--group channels (9 bits per element at group 32; a 3-bit cache at W1024 "
+                        "is 0.232x of fp16 instead of 0.247x, at the same KL on SmolLM2); fp16")
 
 
 def _add_export(sub) -> None:
@@ -202,7 +207,7 @@ def _add_export(sub) -> None:
                         "between two (2.5 = K3/V2); 16: fp16")
     p.add_argument("--kv-ratio", type=float,
                    help="instead of --bits: a memory budget for the whole cache as a fraction of "
-                        "the fp16 cache at the same window (sinks, scale/zero and the fp16 residual "
+                        "the fp16 cache at the same window (sinks, scale/zero and the residual "
                         "included), e.g. 0.23; export calibrates the largest average code width "
                         "that fits (calibrated layout only)")
     _add_layout_arg(p)
@@ -353,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgekv",
         description="Run LLMs on edge devices with a compressed KV cache (sinks + sliding window "
-                    "of low-bit blocks + fp16 residual) inside a fixed memory budget.")
+                    "of low-bit blocks + an 8-bit residual) inside a fixed memory budget.")
     p.add_argument("--version", action="version", version=f"edgekv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     from edgekv.profiling.cli import add_profile

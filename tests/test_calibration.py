@@ -200,7 +200,8 @@ def test_export_kv_ratio_fits_the_cache_to_a_fraction_of_fp16(tiny_model_dir, tm
     out = tmp_path / "ratio"
     assert main(["export", str(tiny_model_dir), "-o", str(out), "--kv-ratio", "0.4", *args]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8")
+    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8",
+                               residual="u8")
     want = average_for_fp16_ratio(base, KVShape(2, 2, 16), 0.4)
     assert 1 < want < 8 and m["allocation"]["target_bits"] == pytest.approx(want)
     assert m["cache"]["fp16_ratio"] <= 0.4 and m["policy"]["average_bits"] <= want

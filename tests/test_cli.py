@@ -44,7 +44,8 @@ def test_eval_runs_on_a_tiny_model_directory(tmp_path, tiny_model_dir):
                  "--group", "8", "--text", str(text), "--max-tokens", "300", "--sequences", "2",
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64 hadamard meta u8", "2-bit W64 hadamard meta u8"]
+    assert [r["setting"] for r in rows] == ["fp16 W64", "4-bit W64 hadamard meta u8 residual u8",
+                                            "2-bit W64 hadamard meta u8 residual u8"]
     assert rows[0]["delta_pct"] == 0.0 and rows[2]["fp16_ratio"] < rows[1]["fp16_ratio"] < 1.0
     assert all(r["ppl"] > 1.0 for r in rows)
     # KL from the fp16 cache: none for the fp16 row, more damage at 2 bits than at 4.
@@ -62,7 +63,7 @@ def _eval_tiny(tmp_path, model_dir, *args) -> dict:
 
 
 def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
-    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "2.5", "--meta", "fp16")
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "2.5", "--meta", "fp16", "--residual", "fp16")
     assert row["setting"] == "calibrated 2.5-bit W64 hadamard" and len(row["bits_k"]) == 2
     assert row["average_bits"] == sum(row["bits_k"] + row["bits_v"]) / 4 <= 2.5
     assert row["bits_per_element"] == row["average_bits"] + 4  # fp16 scale + zero per 8
@@ -74,8 +75,9 @@ def test_eval_kv_ratio_evaluates_what_export_would_pick(tmp_path, tiny_model_dir
     from edgekv.policy import CachePolicy, KVShape
 
     row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "16", "--kv-ratio", "0.4")
-    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8")
-    assert row["setting"] == "calibrated 0.4x fp16 W64 hadamard meta u8"
+    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8",
+                               residual="u8")
+    assert row["setting"] == "calibrated 0.4x fp16 W64 hadamard meta u8 residual u8"
     assert row["fp16_ratio"] <= 0.4 and row["average_bits"] <= average_for_fp16_ratio(base, KVShape(2, 2, 16), 0.4)
     assert main(["eval", str(tiny_model_dir), "--kv-ratio", "0.4", "--bits-layout", "uniform"]) == 2
 

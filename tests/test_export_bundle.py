@@ -43,7 +43,7 @@ def test_decode_graph_from_bundle_matches_reference(bundle, tiny_model):
         feeds[i.name] = np.zeros(i.shape, dt)
     feeds["input_ids"] = np.array([[17]], np.int64)
     logits = sess.run(["logits"], feeds)[0]
-    ref = ReferenceModel(tiny_model, CachePolicy.uniform(2, 3, window=64, sinks=4, block=8, group=8))
+    ref = ReferenceModel(tiny_model, CachePolicy.uniform(2, 3, window=64, sinks=4, block=8, group=8, residual="u8"))
     expect = ref.forward(torch.tensor([[17]]), ref.new_cache())[:, -1:]
     np.testing.assert_allclose(logits, expect.numpy(), atol=1e-4)
 
