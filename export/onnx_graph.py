@@ -3,8 +3,9 @@
 Emitted straight from the model's weights (fp32 initializers) with onnx.helper: no
 tracing, so a 135M model builds in seconds. The graph mirrors ReferenceModel._segment:
 new K/V are rounded as the sinks/residual store them (fp16, or 8-bit codes with
-policy.residual "u8"; these are outputs the runtime writes into those buffers), attention over [sinks | ring in slot order | residual | new tokens] is
-the `edgekv` CompressedAttention function, and only the last token's logits are made.
+policy.residual "u8"; these are outputs the runtime writes into those buffers),
+attention over [sinks | ring in slot order | residual | new tokens] is the `edgekv`
+CompressedAttention function, and only the last token's logits are made.
 
 Host-side contract (batch 1): the runtime passes the RoPE position and validity of every
 cache slot in storage order (`cache_positions`, `cache_valid`), so the graph never
