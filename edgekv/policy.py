@@ -35,6 +35,15 @@ def quantized_parts(meta: str) -> tuple[str, ...]:
     return ("codes", "scale", "zero", "meta") if meta == "u8" else ("codes", "scale", "zero")
 
 
+def layer_buffer_names(bits_k: int, bits_v: int, meta: str = "fp16", residual: str = "fp16") -> list[str]:
+    """A layer's cache buffers in CachePolicy.layer_tensors order: sinks and residual
+    (plain_names), then each ring side. What the attention function and kernels take."""
+    plain = [n for part in ("sink", "residual") for side in "kv" for n in plain_names(f"{part}_{side}", residual)]
+    ring = [[f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in quantized_parts(meta)]
+            for side, bits in (("k", bits_k), ("v", bits_v))]
+    return plain + ring[0] + ring[1]
+
+
 @dataclass(frozen=True)
 class KVShape:
     """What a model contributes to the cache's shape."""

@@ -13,22 +13,16 @@ from edgekv.export.onnx_ops import (
     DOMAIN, F32, OPSET, Emitter, _decode_u8, _hadamard, _suffix, unpack_last, unpack_rows,
 )
 from edgekv.export.onnx_plain import read_plain
-from edgekv.policy import plain_names, quantized_parts
+from edgekv.policy import layer_buffer_names, plain_names
 
 PLAIN = ("sink_k", "sink_v", "residual_k", "residual_v")
-
-
-def ring_names(bits: int, side: str, meta: str = "fp16") -> list[str]:
-    """The ring buffers of one side as CachePolicy.layer_tensors names them."""
-    return [f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in quantized_parts(meta)]
 
 
 def attention_inputs(bits_k: int, bits_v: int, meta: str = "fp16", residual: str = "fp16") -> list[str]:
     """The function's inputs: 8 per call, then the layer's cache buffers in
     CachePolicy.layer_tensors order."""
     return (["q", "k", "v", "cos_k", "sin_k", "cos_q", "sin_q", "mask"]
-            + [n for name in PLAIN for n in plain_names(name, residual)]
-            + ring_names(bits_k, "k", meta) + ring_names(bits_v, "v", meta))
+            + layer_buffer_names(bits_k, bits_v, meta, residual))
 
 
 def attention_name(bits_k: int, bits_v: int, rotate: bool = False, meta: str = "fp16",

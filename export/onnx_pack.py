@@ -46,7 +46,7 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     # only its own (input k_bits; the other widths' outputs are zeros the runtime never reads).
     gated = bool(feedback_dim) and len(kbits) > 1
     res = policy.residual
-    x = {side: read_plain(e, plain_names(side, res), res, g, d) if res != "fp16" else side for side in "kv"}
+    x = {side: read_plain(e, plain_names(side, res), res, g, d) for side in "kv"}  # fp32 [1,H,B,D]
     for side, widths in (("k", kbits), ("v", vbits)):
         for b in widths:
             if side == "k":

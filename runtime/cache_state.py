@@ -1,9 +1,10 @@
 """The compressed KV cache as numpy buffers: allocated once, written in place.
 
 Same semantics as edgekv.reference.cache.CompressedKVCache (the oracle): sinks fill
-first, then the residual (both fp16, or 8-bit per token); when a residual fills, the block is quantized (pack.onnx)
-into ring slot `blocks_pushed % slots`, which once the ring is full holds the oldest
-block, so eviction is that overwrite. Counters are host integers shared by all layers.
+first, then the residual (both fp16, or 8-bit per token); when a residual fills, the
+block is quantized (pack.onnx) into ring slot `blocks_pushed % slots`, which once the ring
+is full holds the oldest block, so eviction is that overwrite. Counters are host integers
+shared by all layers.
 
 The graphs never reorder the cache: the host passes every slot's RoPE position and
 validity in storage order [sinks | ring slots | residual] (`cache_positions`,
@@ -17,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from edgekv.policy import CachePolicy, KVShape, quantized_parts
+from edgekv.policy import CachePolicy, KVShape, plain_names, quantized_parts
 from edgekv.quant import Quantized, dequantize_values
 
 # Packs one layer's full residual; returns arrays named like pack.onnx's outputs.
@@ -92,9 +93,10 @@ class CacheState:
 
     def pack_inputs(self, layer: int) -> dict[str, np.ndarray]:
         """Everything pack.onnx may take for `layer`, by input name: the residual k and v
-        (with k_scale ... for an 8-bit residual), plus its constants; a backend binds the names its graph declares."""
-        pre = f"past.{layer}.residual_"
-        return {**{n[len(pre):]: b for n, b in self.buffers.items() if n.startswith(pre)}, **self._pack_extra[layer]}
+        (with k_scale ... for an 8-bit residual), plus its constants; a backend binds the
+        names its graph declares."""
+        names = [n for side in "kv" for n in plain_names(side, self.policy.residual)]
+        return {**{n: self.buffers[f"past.{layer}.residual_{n}"] for n in names}, **self._pack_extra[layer]}
 
     # ---- sizes and counters (CompressedKVCache semantics) ---------------------------
     @property
@@ -196,13 +198,13 @@ class CacheState:
         bk, bv = p.bits_k[layer], p.bits_v[layer]
         packed = pack(layer) if bk < 16 or bv < 16 else {}
         if bk == 16:
-            buf[pre + "ring_k"][:, :, slot] = plain_float(p, self.pack_inputs(layer), "k")
+            buf[pre + "ring_k"][:, :, slot] = plain_float(p, buf, pre + "residual_k")
         else:
             for part in quantized_parts(p.meta):
                 buf[f"{pre}ring_k_{part}"][:, :, slot] = packed[f"k{bk}_{part}"]
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
-            buf[pre + "ring_v"][:, :, toks] = plain_float(p, self.pack_inputs(layer), "v")
+            buf[pre + "ring_v"][:, :, toks] = plain_float(p, buf, pre + "residual_v")
         else:
             for part in ("codes", "scale", "zero"):
                 buf[f"{pre}ring_v_{part}"][:, :, toks] = packed[f"v{bv}_{part}"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgekv.packing import PACKED_BITS
-from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, plain_names, quantized_parts
+from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names
 
 PACK_BITS = PACKED_BITS
 ATTN_BITS = SUPPORTED_BITS  # 16: an fp16 ring
@@ -99,10 +99,7 @@ class AttnParams:
     @property
     def cache_names(self) -> list[str]:
         """The layer's cache buffers the kernel takes (after q), in argument order."""
-        plain = [n for part in ("sink", "residual") for side in "kv" for n in plain_names(f"{part}_{side}", self.residual)]
-        ring = [[f"ring_{side}"] if bits == 16 else [f"ring_{side}_{n}" for n in quantized_parts(self.meta)]
-                for side, bits in (("k", self.bits_k), ("v", self.bits_v))]
-        return plain + ring[0] + ring[1]
+        return layer_buffer_names(self.bits_k, self.bits_v, self.meta, self.residual)
 
     @property
     def tokens(self) -> int:
