@@ -36,6 +36,10 @@ class Sensitivity:
     meta: dict = field(default_factory=dict)  # how it was measured (text, tokens, seconds)
     clip: tuple[tuple[str, int, float], ...] = ()  # the range ratios measured at (policy.clip)
     key_feedback: KeyFeedback | None = None  # what keys were measured with (policy.key_feedback)
+    # Values measured again with scale/zero per `coarse_group` channels (policy.groups_v):
+    # value_coarse[layer][j] like value; () when not measured.
+    coarse_group: int | None = None
+    value_coarse: tuple[tuple[float, ...], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -46,15 +50,18 @@ class Sensitivity:
         keep = [j for j, w in enumerate(self.widths) if w in widths]
         pick = lambda rows: tuple(tuple(r[j] for j in keep) for r in rows)  # noqa: E731
         return replace(self, widths=tuple(self.widths[j] for j in keep), key=pick(self.key),
-                       value=pick(self.value), clip=tuple(c for c in self.clip if c[1] in widths))
+                       value=pick(self.value), value_coarse=pick(self.value_coarse),
+                       clip=tuple(c for c in self.clip if c[1] in widths))
 
-    def predicted_loss(self, bits_k, bits_v) -> float:
-        """Summed prediction (additive across layers and sides) for one allocation."""
+    def predicted_loss(self, bits_k, bits_v, groups_v=()) -> float:
+        """Summed prediction (additive across layers and sides) for one allocation;
+        `groups_v` (policy.groups_v) picks value_coarse where a layer uses coarse_group."""
         idx = {w: j for j, w in enumerate(self.widths)}
         total = 0.0
         for i, (bk, bv) in enumerate(zip(bits_k, bits_v)):
+            coarse = bool(groups_v) and groups_v[i] == self.coarse_group
             total += 0.0 if bk == 16 else self.key[i][idx[bk]]
-            total += 0.0 if bv == 16 else self.value[i][idx[bv]]
+            total += 0.0 if bv == 16 else (self.value_coarse if coarse else self.value)[i][idx[bv]]
         return total
 
 
@@ -64,6 +71,7 @@ class Allocation:
     bits_v: tuple[int, ...]
     target: float
     predicted_loss: float  # nats/token, summed over layers and sides
+    groups_v: tuple[int, ...] = ()  # policy.groups_v; () when groups were not chosen
 
     @property
     def average_bits(self) -> float:
@@ -71,41 +79,68 @@ class Allocation:
         return sum(bits) / len(bits)
 
 
-def allocate(sens: Sensitivity, target: float) -> Allocation:
+def allocate(sens: Sensitivity, target: float, group: int | None = None,
+             fine_cost: float = 0.0) -> Allocation:
     """Widths per layer for K and V with average <= target and least predicted loss
-    (exact dynamic program over the integer bit budget)."""
+    (exact dynamic program over the integer bit budget).
+
+    With `sens.value_coarse` and `group` (the policy's value group), each value side also
+    chooses its scale/zero grouping: the policy's `group`, or `sens.coarse_group`, which
+    saves `fine_cost` bits per element of metadata. The budget stays the bytes of
+    `target`-bit codes at `group` (what `--bits` promises); the metadata saved where the
+    coarse group costs little buys wider codes elsewhere, so metadata has to earn its bits
+    against code bits."""
     n_layers, widths = sens.num_layers, sens.widths
-    lo, hi = min(widths), max(widths)
+    lo = min(widths)
     if not lo <= target:
         raise PolicyError(f"average bits {target} is below the smallest width {lo}")
-    items = [sens.key[i] for i in range(n_layers)] + [sens.value[i] for i in range(n_layers)]
-    budget = min(int(math.floor(target * len(items) + 1e-9)), hi * len(items))
+    choose_groups = bool(sens.value_coarse) and group is not None and group != sens.coarse_group
+    # Costs in integer units: 1/scale bits (fine_cost is a multiple of 1/scale).
+    scale = 1
+    if choose_groups:
+        scale = next((q for q in (1, 2, 4, 8, 16, 32) if abs(fine_cost * q - round(fine_cost * q)) < 1e-9), None)
+        if scale is None or fine_cost < 0:
+            raise PolicyError(f"metadata cost {fine_cost} bits is not a multiple of 1/32")
+    extra = round(fine_cost * scale)
+    # Options per item: (cost, loss, width, group). Keys: one per width.
+    items = [[(w * scale, sens.key[i][j], w, None) for j, w in enumerate(widths)] for i in range(n_layers)]
+    for i in range(n_layers):
+        opts = [(w * scale + (extra if choose_groups else 0), sens.value[i][j], w, group)
+                for j, w in enumerate(widths)]
+        if choose_groups:
+            opts += [(w * scale, sens.value_coarse[i][j], w, sens.coarse_group) for j, w in enumerate(widths)]
+        items.append(opts)
+    budget = int(math.floor(target * scale * len(items) + 1e-9)) + (extra * n_layers if choose_groups else 0)
+    budget = min(budget, sum(max(o[0] for o in opts) for opts in items))
     inf = float("inf")
-    # best[c]: least loss of the items so far with total width exactly c.
+    # best[c]: least loss of the items so far with total cost exactly c.
     best = [inf] * (budget + 1)
     best[0] = 0.0
     choice: list[list[int]] = []
-    for losses in items:
+    for opts in items:
         nxt, pick = [inf] * (budget + 1), [-1] * (budget + 1)
         for c, base in enumerate(best):
             if base == inf:
                 continue
-            for j, w in enumerate(widths):
-                c2 = c + w
-                # Ties go to the wider code: equal predicted loss, less actual risk.
-                if c2 <= budget and base + losses[j] <= nxt[c2]:
-                    nxt[c2], pick[c2] = base + losses[j], j
+            for j, (cost, loss, _, _) in enumerate(opts):
+                c2 = c + cost
+                # Ties go to the later option, the wider code: equal predicted loss, less
+                # actual risk.
+                if c2 <= budget and base + loss <= nxt[c2]:
+                    nxt[c2], pick[c2] = base + loss, j
         best = nxt
         choice.append(pick)
     c = min(range(budget + 1), key=lambda x: (best[x], -x))
     loss = best[c]
     chosen = []
-    for pick in reversed(choice):
+    for opts, pick in zip(reversed(items), reversed(choice)):
         j = pick[c]
-        chosen.append(widths[j])
-        c -= widths[j]
+        chosen.append(opts[j])
+        c -= opts[j][0]
     chosen.reverse()
-    return Allocation(tuple(chosen[:n_layers]), tuple(chosen[n_layers:]), float(target), float(loss))
+    bits = tuple(o[2] for o in chosen)
+    groups = tuple(o[3] for o in chosen[n_layers:]) if choose_groups else ()
+    return Allocation(bits[:n_layers], bits[n_layers:], float(target), float(loss), groups)
 
 
 def uniform_pair(target: float) -> tuple[int, int]:
@@ -133,7 +168,9 @@ def shrink(sens: Sensitivity, alpha: float) -> Sensitivity:
         mean = [sum(col) / len(col) for col in zip(*logs)]
         return tuple(tuple(math.exp(m + alpha * (x - m)) for x, m in zip(r, mean)) for r in logs)
 
-    return Sensitivity(sens.widths, side(sens.key), side(sens.value), {**sens.meta, "shrink": alpha})
+    return replace(sens, key=side(sens.key), value=side(sens.value),
+                   value_coarse=side(sens.value_coarse) if sens.value_coarse else (),
+                   meta={**sens.meta, "shrink": alpha})
 
 
 def average_for_fp16_ratio(base, shape, ratio: float) -> float:

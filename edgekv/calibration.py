@@ -194,11 +194,12 @@ def key_feedback(model, cap: Capture, policy: CachePolicy):
 
 
 def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: torch.Tensor,
-                      widths=WIDTHS, clips=(1.0,)) -> tuple[dict, dict]:
+                      widths=WIDTHS, clips=(1.0,), coarse_group: int | None = None) -> tuple[dict, dict]:
     """Predicted loss increase (nats per scored token) for keys and for values of one layer,
     the rest of the model unquantized: {(width, clip ratio): loss} for each width and each
     of `clipping.for_width(clips, width)` (ratio 1 only at 8 bits, more at 1 bit). Keys round as
-    `policy.key_feedback` says."""
+    `policy.key_feedback` says. With `coarse_group`, values also at that group size, keyed
+    (width, clip ratio, coarse_group)."""
     q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
     rep = hq // k.shape[0]
@@ -234,16 +235,19 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     for w, c in ((w, c) for w in widths for c in clipping.for_width(clips, w)):
         if nblk == 0:
             k_loss[w, c] = v_loss[w, c] = 0.0
+            if coarse_group is not None:
+                v_loss[w, c, coarse_group] = 0.0
             continue
         kq = k.clone()
         kq[:, sl] = unrotate(qt.fake_quantize_keys(k_rot, w, policy.meta, c, fb).reshape(-1, nblk * policy.block, d))
         s_q = torch.where(full, s_f, attend(kq))
         o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
         k_loss[w, c] = float(norm * (g2 * (o - o_f) ** 2).sum())
-        vq = v.clone()
-        vq[:, sl] = unrotate(qt.fake_quantize_values(v_rot, w, policy.group, policy.meta, policy.block, c))
-        dv = (p_f * ring) @ (vq - v).repeat_interleave(rep, 0)
-        v_loss[w, c] = float(norm * (g2 * dv ** 2).sum())
+        for g in (policy.group,) if coarse_group is None else (policy.group, coarse_group):
+            vq = v.clone()
+            vq[:, sl] = unrotate(qt.fake_quantize_values(v_rot, w, g, policy.meta, policy.block, c))
+            dv = (p_f * ring) @ (vq - v).repeat_interleave(rep, 0)
+            v_loss[(w, c) if g == policy.group else (w, c, g)] = float(norm * (g2 * dv ** 2).sum())
     return k_loss, v_loss
 
 
@@ -258,13 +262,15 @@ def calibration_ids(tokenizer, tokens: int = DEFAULT_TOKENS) -> list[int]:
 
 def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
             queries: int = DEFAULT_QUERIES, widths=WIDTHS, fisher: str = DEFAULT_FISHER,
-            clips=clipping.CANDIDATES, feedback: bool = True) -> Sensitivity:
+            clips=clipping.CANDIDATES, feedback: bool = True, coarse_group: int | None = None) -> Sensitivity:
     """Sensitivity of every layer's keys and values at every width, measured on the
     calibration text with `policy`'s geometry (sinks, block, group, window). Per side and
     width, the range ratio among `clips` with the least loss summed over layers is chosen
     (edgekv.clipping; (1.0,): plain min/max) and the sensitivities are the ones at it.
     `feedback`: keys round query-aware with step matrices fitted on the same queries
-    (edgekv.key_feedback; returned as `Sensitivity.key_feedback`), else to nearest."""
+    (edgekv.key_feedback; returned as `Sensitivity.key_feedback`), else to nearest.
+    `coarse_group`: values are also measured with scale/zero per that many channels, at the
+    range ratio chosen for `policy.group` (`Sensitivity.value_coarse`)."""
     t0 = time.perf_counter()
     ids = calibration_ids(tokenizer, tokens)
     n = len(ids)
@@ -274,7 +280,8 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
         # Queries: evenly spaced over the part of the text that attends to a ring.
         first = min(n - 1, policy.sinks + policy.block)
         qidx = torch.linspace(first, n - 1, min(queries, n - first)).round().long().unique()
-        per_layer = [layer_sensitivity(cap, i, policy, qidx, widths, clips) for i in range(len(cap.q))]
+        per_layer = [layer_sensitivity(cap, i, policy, qidx, widths, clips, coarse_group)
+                     for i in range(len(cap.q))]
     chosen, rows = [], {}
     for j, side in enumerate(clipping.SIDES):
         losses = [layer[j] for layer in per_layer]
@@ -282,6 +289,8 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
                 for w in widths}
         chosen += [(side, w, c) for w, c in best.items() if c != 1.0]
         rows[side] = tuple(tuple(r[w, best[w]] for w in widths) for r in losses)
+        if side == "v" and coarse_group is not None:
+            rows["coarse"] = tuple(tuple(r[w, best[w], coarse_group] for w in widths) for r in losses)
     keys, values = rows["k"], rows["v"]
     from edgekv.quality.text import DEFAULT_TEXT_SOURCE
 
@@ -291,35 +300,46 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
             "tokens": n, "queries": int(len(qidx)), "base_nll": cap.nll,
             "clip_candidates": list(clips), "key_rounding": "feedback" if feedback else "nearest",
             "seconds": round(time.perf_counter() - t0, 2)}
-    return Sensitivity(tuple(widths), keys, values, meta, clip=tuple(chosen), key_feedback=policy.key_feedback)
+    return Sensitivity(tuple(widths), keys, values, meta, clip=tuple(chosen), key_feedback=policy.key_feedback,
+                       coarse_group=coarse_group, value_coarse=rows.get("coarse", ()))
+
+
+def coarse_group(base: CachePolicy, model, value_groups: bool) -> int | None:
+    """The value group calibration also measures when it may choose groups per layer."""
+    return base.coarse_value_group(kv_shape(model.config).head_dim) if value_groups else None
 
 
 def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
                       sens: Sensitivity | None = None, select: bool = True,
-                      clips=clipping.CANDIDATES, feedback: bool = True) -> tuple[CachePolicy, dict]:
+                      clips=clipping.CANDIDATES, feedback: bool = True,
+                      value_groups: bool = False) -> tuple[CachePolicy, dict]:
     """(`base` with calibrated per-layer bits for an average of `target`, the manifest's
     'allocation' section: how the bits were chosen). `sens`: an earlier `measure` of the
     same geometry (else measured here with `clips`). `select`: choose among the allocation,
     a shrunk allocation and uniform by KL on further calibration tokens
-    (edgekv.layout_selection); else the allocation."""
+    (edgekv.layout_selection); else the allocation. `value_groups`: each layer's values
+    group by `base.group` or twice that (policy.groups_v), chosen with the widths within
+    the same bytes (edgekv.allocation)."""
     from edgekv.layout_selection import SELECTION_TOKENS, select as select_layout
 
-    sens = sens or measure(model, tokenizer, base, clips=clips, feedback=feedback)
+    sens = sens or measure(model, tokenizer, base, clips=clips, feedback=feedback,
+                           coarse_group=coarse_group(base, model, value_groups))
     # every candidate layout quantizes as it was measured
     base = base.with_(clip=sens.clip, key_feedback=sens.key_feedback)
-    alloc = allocate(sens, target)
-    policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v)
+    fine_cost = base.value_meta_bits(base.group) - base.value_meta_bits(sens.coarse_group or base.group)
+    alloc = allocate(sens, target, base.group, fine_cost)
+    policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v, groups_v=alloc.groups_v)
     selection = None
     if select:  # on the calibration tokens after the ones the sensitivities used
         used = sens.meta.get("tokens", 0)
         held_out = calibration_ids(tokenizer, used + SELECTION_TOKENS)[used:]
         if len(held_out) >= 2 * base.block:
-            _, policy, selection = select_layout(model, held_out, sens, base, target)
+            _, policy, selection = select_layout(model, held_out, sens, base, target, fine_cost)
     in_use = {"k": set(policy.bits_k), "v": set(policy.bits_v)}  # ratios only for widths in use
     policy = policy.with_(clip=tuple(c for c in policy.clip if c[1] in in_use[c[0]]))
     shape = kv_shape(model.config)
     n = base.num_layers
-    predicted = sens.predicted_loss(policy.bits_k, policy.bits_v)
+    predicted = sens.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v)
     uniform_loss = None
     if float(target).is_integer() and int(target) in sens.widths:
         uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)
@@ -330,7 +350,9 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
         "bits_per_element_with_metadata": policy.bits_per_element(shape),
         "widths": list(sens.widths),
         "allocator": "exact multiple-choice knapsack: sum of widths <= target x 2 x layers, "
-                     "least summed predicted loss",
+                     "least summed predicted loss" + ("" if not sens.value_coarse else
+                     f"; value groups {base.group} or {sens.coarse_group} (-{fine_cost:g} bits) per layer"),
+        "groups_v": list(policy.groups_v),
         "selection": selection,
         "predicted_loss_nats": predicted,
         "predicted_delta_ppl_pct": 100.0 * math.expm1(predicted),

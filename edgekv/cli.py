@@ -79,7 +79,8 @@ def _run_eval(args) -> int:
 
     text, source = read_text(args.text)
     geometry = (args.window, args.sinks, args.block, args.group, args.positions, args.rotation, args.meta,
-                args.residual, args.clip == "calibrated", args.key_rounding == "feedback")
+                args.residual, args.clip == "calibrated", args.key_rounding == "feedback",
+                args.value_groups == "calibrated")
     settings = [EvalSetting(16, 16, *geometry)]
     for b in dict.fromkeys(args.bits):
         if b == 16:
@@ -126,6 +127,10 @@ def _add_layout_arg(p) -> None:
                    help="calibrated layouts only: feedback rounds each key block so that its error "
                         "falls where calibration queries do not look (GPTQ-style error feedback, "
                         "no extra bytes); nearest: round every element to its nearest code")
+    p.add_argument("--value-groups", choices=["calibrated", "fixed"], default="fixed",
+                   help="calibrated layouts only: calibrated lets each layer's values share a "
+                        "scale/zero over --group or twice as many channels, chosen with the widths "
+                        "in the same bytes (metadata saved buys wider codes); fixed: --group everywhere")
 
 
 def _check_target(b: float) -> None:
@@ -271,7 +276,8 @@ def _export_policy(args, num_layers: int, loaded=None):
 
     return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits,
                              clips=candidates(args.clip == "calibrated"),
-                             feedback=args.key_rounding == "feedback")
+                             feedback=args.key_rounding == "feedback",
+                             value_groups=args.value_groups == "calibrated")
 
 
 def _run_export(args) -> int:

@@ -27,16 +27,21 @@ COARSE_WIDTHS = (1, 2, 3, 4, 8)
 SELECTION_TOKENS = 1024
 
 
-def candidates(sens: Sensitivity, base: CachePolicy, target: float) -> dict[str, CachePolicy]:
-    """Distinct layouts by name, the plain allocation first."""
+def candidates(sens: Sensitivity, base: CachePolicy, target: float,
+               fine_cost: float = 0.0) -> dict[str, CachePolicy]:
+    """Distinct layouts by name, the plain allocation first. With `sens.value_coarse` the
+    allocations choose value groups too (allocation.allocate, `fine_cost`)."""
     out: dict[str, CachePolicy] = {}
+
+    def layout(s: Sensitivity) -> CachePolicy:
+        a = allocate(s, target, base.group, fine_cost)
+        return base.with_(bits_k=a.bits_k, bits_v=a.bits_v, groups_v=a.groups_v)
+
     for alpha in ALPHAS:
-        a = allocate(sens if alpha == 1.0 else shrink(sens, alpha), target)
-        out[f"shrink {alpha:g}"] = base.with_(bits_k=a.bits_k, bits_v=a.bits_v)
+        out[f"shrink {alpha:g}"] = layout(sens if alpha == 1.0 else shrink(sens, alpha))
     coarse = sens.restricted(COARSE_WIDTHS)
     if coarse.widths != sens.widths and coarse.widths and min(coarse.widths) <= target:
-        a = allocate(coarse, target)
-        out["widths " + ",".join(map(str, coarse.widths))] = base.with_(bits_k=a.bits_k, bits_v=a.bits_v)
+        out["widths " + ",".join(map(str, coarse.widths))] = layout(coarse)
     try:
         bk, bv = uniform_pair(target)
         n = base.num_layers
@@ -45,26 +50,27 @@ def candidates(sens: Sensitivity, base: CachePolicy, target: float) -> dict[str,
         pass  # no K/V pair averages this target (e.g. 2.7)
     unique: dict[tuple, tuple[str, CachePolicy]] = {}
     for name, p in out.items():  # one entry per layout; its name lists every way it arose
-        key = (p.bits_k, p.bits_v)
+        key = (p.bits_k, p.bits_v, p.groups_v)
         unique[key] = (f"{unique[key][0]} = {name}", p) if key in unique else (name, p)
     return dict(unique.values())
 
 
 def select(model, ids: list[int], sens: Sensitivity, base: CachePolicy,
-           target: float) -> tuple[str, CachePolicy, dict]:
+           target: float, fine_cost: float = 0.0) -> tuple[str, CachePolicy, dict]:
     """(name, policy, record) of the candidate with the least mean KL from the fp16 cache
     of the same geometry over `ids` (calibration tokens)."""
     from edgekv.quality.divergence import divergences
     from edgekv.reference.model import ReferenceModel
 
     t0 = time.perf_counter()
-    cands = candidates(sens, base, target)
+    cands = candidates(sens, base, target, fine_cost)
     fp16 = ReferenceModel(model, base.fp16_equivalent())
     scores = divergences(fp16, [ReferenceModel(model, p) for p in cands.values()], ids)
     kl = {name: s.kl for name, s in zip(cands, scores)}
     best = min(kl, key=kl.get)  # ties: the first, i.e. the plain allocation
     record = {"method": "least mean KL(fp16 cache || candidate) of the next-token distributions",
               "tokens": len(ids), "candidates": [{"name": k, "kl": v, "bits_k": list(cands[k].bits_k),
-                                                 "bits_v": list(cands[k].bits_v)} for k, v in kl.items()],
+                                                 "bits_v": list(cands[k].bits_v), "groups_v": list(cands[k].groups_v)}
+                                                for k, v in kl.items()],
               "chosen": best, "seconds": round(time.perf_counter() - t0, 2)}
     return best, cands[best], record

@@ -35,6 +35,13 @@ def quantized_parts(meta: str) -> tuple[str, ...]:
     return ("codes", "scale", "zero", "meta") if meta == "u8" else ("codes", "scale", "zero")
 
 
+def packed_prefix(policy: "CachePolicy", side: str, bits: int, group: int | None = None) -> str:
+    """Prefix of pack.onnx's outputs for one width of `side` (k4_codes, v3_scale, ...).
+    Values quantized with a value group other than policy.group (policy.groups_v) are
+    separate outputs with the group in the name (v3g64_codes), so one graph serves every layer."""
+    return f"{side}{bits}" + ("" if group is None or group == policy.group else f"g{group}")
+
+
 def layer_buffer_names(bits_k: int, bits_v: int, meta: str = "fp16", residual: str = "fp16") -> list[str]:
     """A layer's cache buffers in CachePolicy.layer_tensors order: sinks and residual
     (plain_names), then each ring side. What the attention function and kernels take."""
@@ -82,7 +89,9 @@ class CachePolicy:
     nearest code (edgekv.key_feedback; None: nearest), and `residual`: how the sinks and
     the residual are stored ("fp16", or "u8": per token 8-bit codes with an fp16 scale and
     zero per group of G channels, 8 + 32/G bits per element; new tokens are rounded that way
-    before attention sees them)."""
+    before attention sees them), and `groups_v`: the value group of each layer's ring (empty:
+    G everywhere; the sinks and residual always group by G), so calibration can coarsen
+    value metadata only where it costs little (edgekv.allocation)."""
 
     bits_k: tuple[int, ...]
     bits_v: tuple[int, ...]
@@ -96,10 +105,14 @@ class CachePolicy:
     clip: tuple[tuple[str, int, float], ...] = ()
     key_feedback: KeyFeedback | None = None
     residual: str = "fp16"
+    groups_v: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
         object.__setattr__(self, "bits_v", tuple(int(b) for b in self.bits_v))
+        # () and "every layer at `group`" are one policy: they compare and hash equal.
+        groups = tuple(int(g) for g in self.groups_v)
+        object.__setattr__(self, "groups_v", () if all(g == self.group for g in groups) else groups)
         # Sorted, and ratio-1 entries dropped: equal policies compare and hash equal.
         object.__setattr__(self, "clip", tuple(sorted((str(s), int(b), float(r)) for s, b, r in self.clip
                                                       if float(r) != 1.0)))
@@ -114,6 +127,10 @@ class CachePolicy:
 
     def with_(self, **kw) -> "CachePolicy":
         return replace(self, **kw)
+
+    def value_group(self, layer: int) -> int:
+        """Channels per scale/zero group of `layer`'s ring values."""
+        return self.groups_v[layer] if self.groups_v else self.group
 
     @property
     def num_layers(self) -> int:
@@ -148,6 +165,12 @@ class CachePolicy:
             raise PolicyError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if self.residual not in RESIDUALS:
             raise PolicyError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+        if self.groups_v and len(self.groups_v) != len(self.bits_v):
+            raise PolicyError(f"groups_v needs one entry per layer (got {len(self.groups_v)} "
+                              f"for {len(self.bits_v)} layers)")
+        bad = sorted({g for g in self.groups_v if g < 8 or g % 8})
+        if bad:
+            raise PolicyError(f"value groups must be positive multiples of 8, got {bad}")
         if self.meta not in METAS:
             raise PolicyError(f"meta must be one of {METAS}, got {self.meta!r}")
         seen = set()
@@ -167,8 +190,9 @@ class CachePolicy:
         """Errors for a policy that does not fit a model's cache shape."""
         if shape.num_layers != self.num_layers:
             raise PolicyError(f"policy has bits for {self.num_layers} layers, model has {shape.num_layers}")
-        if shape.head_dim % self.group or shape.head_dim % 8:
-            raise PolicyError(f"group {self.group} must divide head_dim {shape.head_dim}")
+        for g in {self.group, *self.groups_v}:
+            if shape.head_dim % g or shape.head_dim % 8:
+                raise PolicyError(f"group {g} must divide head_dim {shape.head_dim}")
         if self.key_feedback is not None:
             want = [shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.head_dim]
             if list(self.key_feedback.matrices.shape) != want:
@@ -192,7 +216,7 @@ class CachePolicy:
     def layer_tensors(self, shape: KVShape, layer: int, context: int | None = None,
                       batch: int = 1) -> list[TensorSpec]:
         """Every buffer of one layer's cache, as a backend allocates it."""
-        h, d, b, g = shape.num_kv_heads, shape.head_dim, self.block, self.group
+        h, d, b, g = shape.num_kv_heads, shape.head_dim, self.block, self.value_group(layer)
         w = self.ring_capacity(context)
         nblk = w // b
         bk, bv = self.bits_k[layer], self.bits_v[layer]
@@ -228,6 +252,17 @@ class CachePolicy:
         return [TensorSpec(codes, shape, "uint8"), TensorSpec(scale, groups, "float16"),
                 TensorSpec(zero, groups, "float16")]
 
+    def value_meta_bits(self, group: int) -> float:
+        """Scale/zero bits per ring value element at `group` channels per group (the
+        per-block meta of "u8" excluded: it does not depend on the group)."""
+        return (16 if self.meta == "u8" else 32) / group
+
+    def coarse_value_group(self, head_dim: int) -> int | None:
+        """The value group calibration may choose instead of `group` (twice as many
+        channels share a scale/zero), or None when it does not divide head_dim."""
+        g = 2 * self.group
+        return g if head_dim % g == 0 else None
+
     def layer_bytes(self, shape: KVShape, layer: int, context: int | None = None) -> int:
         return sum(t.nbytes for t in self.layer_tensors(shape, layer, context))
 
@@ -238,7 +273,7 @@ class CachePolicy:
     def fp16_equivalent(self) -> "CachePolicy":
         """The same geometry all in fp16 (ring, sinks, residual): the baseline for ratios."""
         n = self.num_layers
-        return replace(self, bits_k=(16,) * n, bits_v=(16,) * n, residual="fp16")
+        return replace(self, bits_k=(16,) * n, bits_v=(16,) * n, residual="fp16", groups_v=())
 
     def fp16_ratio(self, shape: KVShape, context: int | None = None) -> float:
         return self.total_bytes(shape, context) / self.fp16_equivalent().total_bytes(shape, context)
@@ -249,9 +284,10 @@ class CachePolicy:
         per_group = 2 if self.meta == "u8" else 4  # bytes of scale + zero
         per_block = 2 * META_FIELDS if self.meta == "u8" else 0  # bytes per block and head
         total = 0.0
-        for bk, bv in zip(self.bits_k, self.bits_v):
+        for i, (bk, bv) in enumerate(zip(self.bits_k, self.bits_v)):
+            g = self.value_group(i)
             total += h * d * 2 if bk == 16 else h * (d * (bk / 8 + per_group / self.block) + per_block / self.block)
-            total += h * d * 2 if bv == 16 else h * (d * (bv / 8 + per_group / self.group) + per_block / self.block)
+            total += h * d * 2 if bv == 16 else h * (d * (bv / 8 + per_group / g) + per_block / self.block)
         return total
 
     def average_bits(self) -> float:
@@ -274,5 +310,7 @@ class CachePolicy:
         clip = "" if not self.clip else " clip=" + ",".join(f"{s}{b}:{r:g}" for s, b, r in self.clip)
         fb = "" if self.key_feedback is None else " keys=feedback"
         res = "" if self.residual == "fp16" else f" residual={self.residual}"
+        gv = "" if not self.groups_v else " Gv=" + ",".join(f"{g}x{self.groups_v.count(g)}"
+                                                            for g in sorted(set(self.groups_v)))
         return (f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}"
-                f"{rot}{meta}{clip}{fb}{res}")
+                f"{rot}{meta}{clip}{fb}{res}{gv}")

@@ -68,7 +68,8 @@ def cache_manifest(policy: CachePolicy, shape) -> dict:
     for i in range(shape.num_layers):
         tensors = [{"name": f"past.{i}.{t.name}", "shape": list(t.shape), "dtype": t.dtype,
                     "bytes": t.nbytes} for t in policy.layer_tensors(shape, i)]
-        layers.append({"bits_k": policy.bits_k[i], "bits_v": policy.bits_v[i],
+        group_v = {"group_v": policy.value_group(i)} if policy.groups_v else {}  # absent: policy group
+        layers.append({"bits_k": policy.bits_k[i], "bits_v": policy.bits_v[i], **group_v,
                        "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors})
     return {"layers": layers, "total_bytes": policy.total_bytes(shape),
             "fp16_ratio": policy.fp16_ratio(shape),
@@ -130,7 +131,9 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
                        "average_bits": policy.average_bits(), "rotation": policy.rotation,
                        "meta": policy.meta, "residual": policy.residual,
                        "clip": [list(c) for c in policy.clip],
-                       "key_feedback": None if policy.key_feedback is None else key_feedback.FILE},
+                       "key_feedback": None if policy.key_feedback is None else key_feedback.FILE,
+                       # absent: every layer's values group by `group` (bundles before groups_v too)
+                       **({"groups_v": list(policy.groups_v)} if policy.groups_v else {})},
             "graphs": {"decode": "decode.onnx", "prefill": "prefill.onnx", "pack": "pack.onnx",
                        "prefill_chunk": options.prefill_chunk, "opset": options.opset,
                        "weights_dtype": options.weights_dtype,

@@ -26,11 +26,14 @@ def attention_inputs(bits_k: int, bits_v: int, meta: str = "fp16", residual: str
 
 
 def attention_name(bits_k: int, bits_v: int, rotate: bool = False, meta: str = "fp16",
-                   residual: str = "fp16") -> str:
-    """rotate: the policy rotates quantized blocks (a 16/16 layer has none to un-rotate)."""
+                   residual: str = "fp16", group_v: int | None = None) -> str:
+    """rotate: the policy rotates quantized blocks (a 16/16 layer has none to un-rotate);
+    group_v: the ring values' group where it is not the sinks/residual group (functions are
+    shared by the layers of one name, so the name must tell value groups apart)."""
     quantized = bits_k != 16 or bits_v != 16
     res = "" if residual == "fp16" else "_r8"
-    return (f"CompressedAttention_k{bits_k}_v{bits_v}"
+    gv = f"_gv{group_v}" if group_v is not None and bits_v != 16 else ""
+    return (f"CompressedAttention_k{bits_k}_v{bits_v}{gv}"
             f"{_suffix(rotate and quantized, meta if quantized else 'fp16')}{res}")
 
 
@@ -79,13 +82,14 @@ def _ring_values(e: Emitter, bits: int, head_dim: int, group: int, block: int = 
 
 def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads: int,
                        head_dim: int, block: int, group: int, rotate: bool = False,
-                       meta: str = "fp16", residual: str = "fp16") -> FunctionProto:
-    """CompressedAttention_k{bk}_v{bv}.
+                       meta: str = "fp16", residual: str = "fp16", group_v: int | None = None) -> FunctionProto:
+    """CompressedAttention_k{bk}_v{bv} (attention_name).
 
     Inputs: q [1,Hq,T,D] fp32 pre-RoPE; k, v [1,Hkv,T,D] fp32 (already rounded as the
     residual stores them); cos_k/sin_k [L+T,D] for every cache slot then the new tokens;
     cos_q/sin_q [T,D]; mask bool [T,L+T]; the layer's cache buffers (sinks/residual in fp16
-    or 8-bit per `residual` (export.onnx_plain), ring as stored).
+    or 8-bit per `residual` (export.onnx_plain) with `group`, ring as stored, ring values
+    grouped by `group_v` (None: `group`)).
     Output: o [1,Hq,T,D] fp32. Cache slots are attended in storage order; positions and
     the mask make the order irrelevant, so nothing is gathered or reordered.
 
@@ -106,7 +110,8 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     fp_vals = [plain["sink_v"], plain["residual_v"], "v"]
     if rot_v:
         fp_vals = [e.op("MatMul", x, h) for x in fp_vals]
-    vals = e.op("Concat", fp_vals[0], _ring_values(e, bits_v, head_dim, group, block, meta), *fp_vals[1:], axis=2)
+    ring_v = _ring_values(e, bits_v, head_dim, group if group_v is None else group_v, block, meta)
+    vals = e.op("Concat", fp_vals[0], ring_v, *fp_vals[1:], axis=2)
     keys = _rope(e, keys, "cos_k", "sin_k")
     q = e.op("Mul", _rope(e, "q", "cos_q", "sin_q"), e.f32(1.0 / math.sqrt(head_dim)))
     # GQA: query head h reads KV head h // n_rep, so [1,Hq,T,D] -> [1,Hkv,n_rep,T,D] and
@@ -120,6 +125,7 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     if rot_v:
         o = e.op("MatMul", o, h)
     e.op("Reshape", o, e.i64(1, num_heads, -1, head_dim), out="o")
-    return helper.make_function(DOMAIN, attention_name(bits_k, bits_v, rotate, meta, residual),
+    name = attention_name(bits_k, bits_v, rotate, meta, residual, None if group_v == group else group_v)
+    return helper.make_function(DOMAIN, name,
                                 attention_inputs(bits_k, bits_v, meta, residual), ["o"], e.nodes,
                                 [helper.make_opsetid("", OPSET)])

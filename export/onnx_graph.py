@@ -136,11 +136,12 @@ def build_decoder(model, policy: CachePolicy, tokens: int, context: int | None =
                             for n, dt in zip(names, plain_types(res))]
         bk, bv = policy.bits_k[i], policy.bits_v[i]
         rotate = policy.rotation == "hadamard"
-        name = attention_name(bk, bv, rotate, policy.meta, res)
+        gv = policy.value_group(i)  # the ring values' group; the sinks/residual keep g
+        name = attention_name(bk, bv, rotate, policy.meta, res, None if gv == g else gv)
         if name not in functions:
             functions[name] = attention_function(bk, bv, num_heads=hq, num_kv_heads=hkv, head_dim=d,
                                                  block=policy.block, group=g, rotate=rotate,
-                                                 meta=policy.meta, residual=res)
+                                                 meta=policy.meta, residual=res, group_v=gv)
         cache = [f"past.{i}.{n}" for n in attention_inputs(bk, bv, policy.meta, res)[8:]]
         o = e.op(name, q, *new_kv, cos, sin, cos_q, sin_q, mask, *cache, domain=DOMAIN)
         o = e.op("Reshape", e.op("Transpose", o, perm=[0, 2, 1, 3]), e.i64(t, hq * d))

@@ -2,7 +2,9 @@
 
 The runtime runs it when a layer's residual fills, then writes the outputs for that
 layer's code widths into ring slot `blocks_pushed % ring_slots`. One graph serves every
-layer: it returns the packing for each distinct code width the policy uses.
+layer: it returns the packing for each distinct code width the policy uses (for values,
+each distinct width and value group, policy.groups_v; policy.packed_prefix
+names them).
 Bit-exact with edgekv.quant (tests/test_onnx_export.py).
 """
 
@@ -16,14 +18,15 @@ from edgekv.export.onnx_ops import (
     DOMAIN, F16, U8, Emitter, opset_imports, quantize_keys_function, quantize_values_function,
 )
 from edgekv.export.onnx_plain import plain_types, read_plain
-from edgekv.policy import META_FIELDS, CachePolicy, KVShape, plain_names, quantized_parts
+from edgekv.policy import META_FIELDS, CachePolicy, KVShape, packed_prefix, plain_names, quantized_parts
 
 IR_VERSION = 9  # what onnxruntime >= 1.15 reads; nothing here needs more
 
 
-def pack_outputs(policy: CachePolicy) -> tuple[list[int], list[int]]:
-    """Code widths (< 16) pack.onnx produces for keys and for values."""
-    return (sorted({b for b in policy.bits_k if b < 16}), sorted({b for b in policy.bits_v if b < 16}))
+def pack_outputs(policy: CachePolicy) -> tuple[list[int], list[tuple[int, int]]]:
+    """Code widths (< 16) pack.onnx produces for keys, and (width, value group) for values."""
+    return (sorted({b for b in policy.bits_k if b < 16}),
+            sorted({(b, policy.value_group(i)) for i, b in enumerate(policy.bits_v) if b < 16}))
 
 
 def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
@@ -33,11 +36,12 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     matrices, when policy.key_feedback is set, plus k_bits int64 [1], the layer's key width,
     when it is set and keys use several widths: only that width's outputs are computed,
     the others are zeros); outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
-    and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/G] for each width b used
+    and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/Gv] for each width b used, with
+    each value group Gv a layer quantizes with (named v{b}g{Gv}_... where Gv is not G)
     (of the Hadamard-rotated block when policy.rotation says so)."""
     policy.check_shape(shape)
     h, d, blk, g = shape.num_kv_heads, shape.head_dim, policy.block, policy.group
-    kbits, vbits = pack_outputs(policy)
+    kbits, vouts = pack_outputs(policy)
     e = Emitter()
     outputs, functions = [], []
     rotate_dim = d if policy.rotation == "hadamard" else 0
@@ -47,17 +51,18 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     gated = bool(feedback_dim) and len(kbits) > 1
     res = policy.residual
     x = {side: read_plain(e, plain_names(side, res), res, g, d) for side in "kv"}  # fp32 [1,H,B,D]
-    for side, widths in (("k", kbits), ("v", vbits)):
-        for b in widths:
+    # keys have no group (None); the residual inputs are grouped by G, values by their own Gv
+    for side, widths in (("k", [(b, None) for b in kbits]), ("v", vouts)):
+        for b, gv in widths:
             if side == "k":
                 fn = quantize_keys_function(b, rotate_dim, policy.meta, policy.clip_ratio(side, b), feedback_dim)
                 shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d], [1, h, META_FIELDS])
             else:
-                fn = quantize_values_function(b, g, rotate_dim, policy.meta, policy.clip_ratio(side, b))
-                shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // g], [1, h, blk, d // g], [1, h, META_FIELDS])
+                fn = quantize_values_function(b, gv, rotate_dim, policy.meta, policy.clip_ratio(side, b))
+                shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // gv], [1, h, blk, d // gv], [1, h, META_FIELDS])
             functions.append(fn)
             parts = quantized_parts(policy.meta)
-            names = [f"{side}{b}_{part}" for part in parts]
+            names = [f"{packed_prefix(policy, side, b, gv)}_{part}" for part in parts]
             md = U8 if policy.meta == "u8" else F16
             infos = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(names, (U8, md, md, F16), shapes)]
             args = [x[side], "f"] if side == "k" and feedback_dim else [x[side]]

@@ -114,6 +114,7 @@ def manifest_policy(manifest: dict, directory: str | Path | None = None) -> tupl
                              meta=p.get("meta", "fp16"),  # bundles before 8-bit metadata: fp16
                              residual=p.get("residual", "fp16"),  # before the 8-bit residual: fp16
                              clip=tuple(tuple(c) for c in p.get("clip", ())),  # before clipping: none
+                             groups_v=tuple(p.get("groups_v", ())),  # absent: `group` everywhere
                              key_feedback=feedback)
         shape = KVShape(int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
         policy.check_shape(shape)

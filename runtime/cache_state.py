@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from edgekv.policy import CachePolicy, KVShape, plain_names, quantized_parts
+from edgekv.policy import CachePolicy, KVShape, packed_prefix, plain_names, quantized_parts
 from edgekv.quant import Quantized, dequantize_values
 
 # Packs one layer's full residual; returns arrays named like pack.onnx's outputs.
@@ -200,13 +200,15 @@ class CacheState:
         if bk == 16:
             buf[pre + "ring_k"][:, :, slot] = plain_float(p, buf, pre + "residual_k")
         else:
+            k = packed_prefix(p, "k", bk)
             for part in quantized_parts(p.meta):
-                buf[f"{pre}ring_k_{part}"][:, :, slot] = packed[f"k{bk}_{part}"]
+                buf[f"{pre}ring_k_{part}"][:, :, slot] = packed[f"{k}_{part}"]
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
             buf[pre + "ring_v"][:, :, toks] = plain_float(p, buf, pre + "residual_v")
         else:
+            v = packed_prefix(p, "v", bv, p.value_group(layer))
             for part in ("codes", "scale", "zero"):
-                buf[f"{pre}ring_v_{part}"][:, :, toks] = packed[f"v{bv}_{part}"]
+                buf[f"{pre}ring_v_{part}"][:, :, toks] = packed[f"{v}_{part}"]
             if p.meta == "u8":  # one set per block, so it sits at the block's slot
-                buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"v{bv}_meta"]
+                buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"{v}_meta"]

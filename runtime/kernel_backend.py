@@ -11,9 +11,10 @@ A decode step runs L+1 onnxruntime segments of decode.onnx cut at the attention 
 sinks/residual (the kernel's contract; CacheState.append rewrites the same values after
 the step): every part the segment outputs, `new.{i}.k` and with an 8-bit residual also
 `new.{i}.k_scale`, `new.{i}.k_zero` (and v's), as the sinks/residual store them. It then
-rotates the query with RoPE at the new position, and calls `decode_k{bk}_v{bv}` (`_r8`
-for an 8-bit residual) on CacheState's buffers (zero-copy views made once at load). Prefill
-chunks and block packing run the bundle's prefill.onnx and pack.onnx as in OrtBackend.
+rotates the query with RoPE at the new position, and calls `decode_k{bk}_v{bv}` (`_gv{G}`
+for a layer's own value group, `_r8` for an 8-bit residual) on CacheState's buffers
+(zero-copy views made once at load). Prefill chunks and block packing run the bundle's
+prefill.onnx and pack.onnx as in OrtBackend.
 
 Kernels come from the bundle's library for this machine (`edgekv compile BUNDLE --device
 host`) when it has one, else they are compiled at load (seconds per bit pair).
@@ -65,32 +66,33 @@ def _library_entry(bundle: Bundle, device: str) -> dict | None:
     return None
 
 
-def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int], object]:
-    """(bits_k, bits_v) -> the packed function of its decode kernel."""
+def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int, int], object]:
+    """tvm_kernels.params.kernel_key (bits_k, bits_v, value group) -> the packed function
+    of its decode kernel."""
     from edgekv.runtime.tvm_backend import _import_tvm
 
     tvm = _import_tvm()
     from edgekv.tvm_kernels.library import kernel_names
+    from edgekv.tvm_kernels.params import attn_params, kernel_key
 
     p, sh = bundle.policy, bundle.shape
     names = kernel_names(p).decode  # the names say the cache format: a library never mismatches it
     entry = _library_entry(bundle, device)
     if entry is not None:
         lib = tvm.runtime.load_module(str(bundle.path / entry["library"]))
-        return {pr: lib[name] for pr, name in names.items()}
+        return {key: lib[name] for key, name in names.items()}
     warnings.warn(f"{bundle.path} has no TVM library for this machine: compiling the decode kernels now "
                   f"(`edgekv compile {bundle.path} --device host` stores them in the bundle)",
                   RuntimeWarning, stacklevel=5)
     from edgekv.tvm_kernels.build import build_attention
-    from edgekv.tvm_kernels.params import attn_params
     from edgekv.tvm_kernels.targets import host_target, host_tuning_device
 
     records = host_tuning_device()
     out = {}
-    for pr in names:
-        layer = next(i for i in range(p.num_layers) if (p.bits_k[i], p.bits_v[i]) == pr)
+    for key in names:
+        layer = next(i for i in range(p.num_layers) if kernel_key(p, i) == key)
         params = attn_params(p, sh, layer, int(bundle.model["num_heads"]))
-        out[pr] = build_attention(params, host_target(), device=records)["main"]
+        out[key] = build_attention(params, host_target(), device=records)["main"]
     return out
 
 
@@ -106,7 +108,7 @@ class KernelBackend(OrtBackend):
         kernels = decode_kernels(bundle, device)
         super().__init__(bundle, state, providers, threads)  # sessions; segments via the hook
         from edgekv.runtime.tvm_backend import _import_tvm
-        from edgekv.tvm_kernels.params import attn_params
+        from edgekv.tvm_kernels.params import attn_params, kernel_key
         from edgekv.tvm_kernels.rope import RopeTables, inv_freq
 
         self._tvm = _import_tvm()
@@ -135,7 +137,7 @@ class KernelBackend(OrtBackend):
             arrays = [self.q_rot, *(buf[f"past.{i}.{n}"] for n in params.cache_names),
                       t.sink_cos, t.sink_sin, t.blk_cos, t.blk_sin, t.off_cos, t.off_sin, self.counts,
                       self.attn_out[i]]
-            self._calls.append((kernels[(p.bits_k[i], p.bits_v[i])], [view(a) for a in arrays]))
+            self._calls.append((kernels[kernel_key(p, i)], [view(a) for a in arrays]))
 
     # ---- setup ----------------------------------------------------------------------
     def _setup_extra_sessions(self, bundle: Bundle) -> None:

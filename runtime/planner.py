@@ -178,7 +178,8 @@ class Plan:
                 "bits_k": list(p.bits_k), "bits_v": list(p.bits_v), "window": p.window, "sinks": p.sinks,
                 "block": p.block, "group": p.group, "positions": p.positions, "prefill_chunk": self.chunk,
                 "bytes": {**self.parts, "total": self.total}, "max_window": self.max_window,
-                "context": self.context, "notes": self.notes}
+                "context": self.context, "notes": self.notes,
+                **({"groups_v": list(p.groups_v)} if p.groups_v else {})}
 
     def describe(self) -> str:
         p = self.policy

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from edgekv.export.onnx_graph import build_decoder, cache_inputs
 from edgekv.export.onnx_pack import build_pack
-from edgekv.policy import CachePolicy, KVShape, quantized_parts
+from edgekv.policy import CachePolicy, KVShape, packed_prefix, quantized_parts
 from edgekv.reference.model import kv_shape
 from edgekv.runtime.cache_state import plain_float
 
@@ -124,15 +124,15 @@ class OnnxDriver:
             buf[pre + "ring_k"][:, :, slot] = plain_float(p, res, "k")
         else:
             for n in quantized_parts(p.meta):
-                buf[f"{pre}ring_k_{n}"][:, :, slot] = packed[f"k{bk}_{n}"]
+                buf[f"{pre}ring_k_{n}"][:, :, slot] = packed[f"{packed_prefix(p, 'k', bk)}_{n}"]
         toks = slice(slot * b, (slot + 1) * b)
         if bv == 16:
             buf[pre + "ring_v"][:, :, toks] = plain_float(p, res, "v")
         else:
             for n in ("codes", "scale", "zero"):
-                buf[f"{pre}ring_v_{n}"][:, :, toks] = packed[f"v{bv}_{n}"]
+                buf[f"{pre}ring_v_{n}"][:, :, toks] = packed[f"{packed_prefix(p, 'v', bv, p.value_group(layer))}_{n}"]
             if p.meta == "u8":
-                buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"v{bv}_meta"]
+                buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"{packed_prefix(p, 'v', bv, p.value_group(layer))}_meta"]
 
     def _commit(self, t: int) -> None:
         if self.n_sink < self.policy.sinks:

@@ -124,3 +124,48 @@ def test_average_for_a_fp16_ratio_is_the_largest_that_fits(meta):
             assert not fits(summed + 1)
     with pytest.raises(PolicyError, match="below what 1 bit everywhere needs"):
         average_for_fp16_ratio(base, shape, 0.1)
+
+
+def _with_coarse_values(sens: Sensitivity, seed: int) -> Sensitivity:
+    """Coarser value groups lose more, by a random factor per layer."""
+    from dataclasses import replace
+
+    rng = random.Random(seed)
+    coarse = tuple(tuple(x * rng.uniform(1.0, 3.0) for x in row) for row in sens.value)
+    return replace(sens, coarse_group=64, value_coarse=coarse)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("target", [2.0, 2.5, 3.0, 4.0])
+def test_value_groups_knapsack_is_optimal_and_meets_the_budget(seed, target):
+    """Each value side picks group 32 or 64 (0.25 bit less); against brute force over every
+    (width, group) combination, within the bytes of `target` bits at group 32."""
+    sens = _with_coarse_values(_random_sens(2, seed), seed)
+    a = allocate(sens, target, group=32, fine_cost=0.25)
+    assert set(a.groups_v) <= {32, 64} and len(a.groups_v) == 2
+    spent = sum(a.bits_k + a.bits_v) - 0.25 * a.groups_v.count(64)
+    assert spent <= target * 4 + 1e-9
+    assert a.predicted_loss == pytest.approx(sens.predicted_loss(a.bits_k, a.bits_v, a.groups_v), rel=1e-12)
+    best = float("inf")
+    for combo in itertools.product(WIDTHS, repeat=4):
+        for groups in itertools.product((32, 64), repeat=2):
+            if sum(combo) - 0.25 * groups.count(64) <= target * 4 + 1e-9:
+                best = min(best, sens.predicted_loss(combo[:2], combo[2:], groups))
+    assert a.predicted_loss == pytest.approx(best, rel=1e-12)
+
+
+def test_value_groups_follow_what_the_finer_group_buys():
+    """Where the coarse group costs nothing it is taken and what it saves buys a code bit;
+    where it costs a lot the metadata stays; without a coarse measurement no groups are chosen."""
+    from dataclasses import replace
+
+    sens = _random_sens(4, 3)
+    free = replace(sens, coarse_group=64, value_coarse=sens.value)
+    a = allocate(free, 3.0, group=32, fine_cost=0.25)
+    assert a.groups_v == (64,) * 4 and sum(a.bits_k + a.bits_v) == 25  # 4 x 0.25 bit saved: one more
+    dear = replace(sens, coarse_group=64, value_coarse=tuple(tuple(x * 1e6 for x in r) for r in sens.value))
+    a = allocate(dear, 3.0, group=32, fine_cost=0.25)
+    assert a.groups_v == (32,) * 4 and sum(a.bits_k + a.bits_v) == 24
+    assert allocate(sens, 3.0, group=32, fine_cost=0.25).groups_v == ()
+    with pytest.raises(PolicyError, match="multiple of 1/32"):
+        allocate(free, 3.0, group=32, fine_cost=0.3)

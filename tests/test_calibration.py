@@ -264,3 +264,57 @@ def test_export_u8_residual_reaches_the_manifest_and_widens_a_kv_ratio(tiny_mode
         assert open_bundle(out).policy.residual == residual
         targets[residual] = m["allocation"]["target_bits"]
     assert targets["u8"] > targets["fp16"]
+
+
+def test_coarse_value_groups_are_measured_as_that_group_would_be(captured):
+    """Values at the coarse group give exactly what measuring a policy with that group
+    gives; the base group's entries are unchanged."""
+    _, cap = captured
+    queries = torch.arange(10, 64, 3)
+    k_loss, v_loss = cal.layer_sensitivity(cap, 1, POLICY, queries, clips=(1.0, 0.9), coarse_group=16)
+    k_plain, v_plain = cal.layer_sensitivity(cap, 1, POLICY, queries, clips=(1.0, 0.9))
+    _, v_coarse = cal.layer_sensitivity(cap, 1, POLICY.with_(group=16), queries, clips=(1.0, 0.9))
+    assert k_loss == k_plain and {k: v for k, v in v_loss.items() if len(k) == 2} == v_plain
+    assert {k[:2]: v for k, v in v_loss.items() if len(k) == 3} == pytest.approx(v_coarse, rel=1e-6)
+    assert v_loss[3, 1.0, 16] != v_loss[3, 1.0]
+
+
+def test_calibrated_policy_chooses_value_groups_within_the_budget(tiny_model, tiny_model_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    from edgekv.reference.model import kv_shape
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    base = CachePolicy.uniform(2, 3, sinks=2, window=64, block=8, group=8, meta="u8")
+    sens = cal.measure(tiny_model, tokenizer, base, tokens=96, queries=24, clips=(1.0,),
+                       coarse_group=cal.coarse_group(base, tiny_model, True))
+    assert sens.coarse_group == 16 and len(sens.value_coarse) == 2
+    policy, record = cal.calibrated_policy(tiny_model, tokenizer, base, 3.0, sens=sens, select=False,
+                                           value_groups=True)
+    shape = kv_shape(tiny_model.config)
+    assert policy.total_bytes(shape) <= base.total_bytes(shape)  # the budget: 3 bits at group 8
+    assert set(policy.groups_v or (8, 8)) <= {8, 16} and record["groups_v"] == list(policy.groups_v)
+    assert record["predicted_loss_nats"] == pytest.approx(
+        sens.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v))
+
+
+def test_export_value_groups_stay_within_the_bytes_of_the_target(tiny_model_dir, tmp_path):
+    """--value-groups calibrated: each layer's values group by 8 or 16 channels; the cache
+    costs no more than --bits at --group everywhere, and the manifest and the runtime agree."""
+    from edgekv.cli import main
+    from edgekv.runtime.bundle import open_bundle
+
+    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8", "--bits", "2.5"]
+    ratios = {}
+    for choice in ("fixed", "calibrated"):
+        out = tmp_path / choice
+        assert main(["export", str(tiny_model_dir), "-o", str(out), "--value-groups", choice, *args]) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        groups = m["policy"].get("groups_v", [])
+        assert groups == m["allocation"]["groups_v"] and set(groups) <= {8, 16}
+        assert list(open_bundle(out).policy.groups_v) == groups
+        assert (choice == "fixed") <= (groups == [])
+        ratios[choice] = m["cache"]["fp16_ratio"]
+        if groups:
+            assert "value groups 8 or 16" in m["allocation"]["allocator"]
+    assert ratios["calibrated"] <= ratios["fixed"] + 1e-12

@@ -108,3 +108,10 @@ def test_eval_u8_residual_row_against_an_fp16_baseline(tmp_path, tiny_model_dir)
         assert rows[0]["setting"] == "fp16 W64" and rows[0]["fp16_ratio"] == 1.0
         ratios.append(rows[1]["fp16_ratio"])
     assert rows[1]["setting"] == "3-bit W64 hadamard meta u8 residual u8" and 0 < ratios[1] < ratios[0]
+
+
+def test_eval_value_groups_row(tmp_path, tiny_model_dir):
+    fixed = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "3")
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "3", "--value-groups", "calibrated")
+    assert row["setting"].endswith(" value groups") and set(row["groups_v"]) <= {8, 16}
+    assert fixed["groups_v"] == [] and row["fp16_ratio"] <= fixed["fp16_ratio"] + 1e-12

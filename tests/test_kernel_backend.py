@@ -8,7 +8,6 @@ pytest.importorskip("tvm")
 
 from edgekv.policy import CachePolicy  # noqa: E402
 from edgekv.runtime import Engine  # noqa: E402
-from edgekv.runtime.kernel_backend import KernelBackendError  # noqa: E402
 
 try:
     from runtime_helpers import make_bundle

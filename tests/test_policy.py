@@ -116,3 +116,25 @@ def test_u8_residual_bytes_by_hand():
     assert CachePolicy.uniform(30, 3, group=64, residual="u8", **kw).fp16_ratio(SHAPE) == pytest.approx(60576 / 271360)
     with pytest.raises(PolicyError, match="residual must be one of"):
         CachePolicy.uniform(30, 3, residual="int4")
+
+
+def test_value_groups_are_validated_normalized_and_counted():
+    kw = dict(window=1024, sinks=4, block=32, meta="u8", residual="u8")
+    assert CachePolicy.uniform(30, 3, groups_v=(32,) * 30, **kw) == CachePolicy.uniform(30, 3, **kw)
+    mixed = CachePolicy.uniform(30, 3, groups_v=(64,) * 8 + (32,) * 22, **kw)
+    g32, g64 = (CachePolicy.uniform(30, 3, group=g, **kw) for g in (32, 64))
+    # A layer's ring values cost what the same layer at that group costs; sinks and the
+    # residual keep group 32 (what G64 saves there is not taken).
+    saved = [g32.layer_bytes(SHAPE, i) - mixed.layer_bytes(SHAPE, i) for i in range(30)]
+    assert saved == [1024 * 3 * (64 // 32 - 64 // 64) * 2] * 8 + [0] * 22
+    assert mixed.ring_bytes_per_token(SHAPE) == pytest.approx(
+        (8 * g64.ring_bytes_per_token(SHAPE) + 22 * g32.ring_bytes_per_token(SHAPE)) / 30)
+    assert mixed.fp16_ratio(SHAPE) < 0.23 < g32.fp16_ratio(SHAPE)
+    assert mixed.fp16_equivalent().groups_v == () and mixed.value_meta_bits(64) == 0.25
+    assert mixed.coarse_value_group(64) == 64 and g64.coarse_value_group(64) is None
+    with pytest.raises(PolicyError, match="one entry per layer"):
+        CachePolicy.uniform(30, 3, groups_v=(64,) * 29, **kw)
+    with pytest.raises(PolicyError, match="multiples of 8"):
+        CachePolicy.uniform(30, 3, groups_v=(12,) * 30, **kw)
+    with pytest.raises(PolicyError, match="must divide head_dim"):
+        CachePolicy.uniform(30, 3, groups_v=(48,) * 30, **kw).total_bytes(SHAPE)

@@ -104,3 +104,24 @@ def test_windowless_cache_grows_and_keeps_everything():
     _feed(cache, kv, 7)
     k, _ = cache.view(0)
     torch.testing.assert_close(k, kv, rtol=0, atol=0)
+
+
+def test_per_layer_value_groups_quantize_each_ring_with_its_own_group():
+    """groups_v: layer 0's ring values share a scale/zero over 16 channels, layer 1's over 8;
+    each reads back as numpy's value quantization at that group (exactly), and the bytes
+    are what the policy lists."""
+    p = CachePolicy.uniform(2, 3, window=32, sinks=4, block=8, group=8, groups_v=(16, 8))
+    assert p.value_group(0) == 16 and p.value_group(1) == 8 and "Gv=8x1,16x1" in p.describe()
+    cache = CompressedKVCache(p, SHAPE)
+    assert cache.nbytes == p.total_bytes(SHAPE) < CachePolicy.uniform(2, 3, window=32, sinks=4, block=8,
+                                                                       group=8).total_bytes(SHAPE)
+    total = 4 + 8 * 2 + 3
+    kv = torch.randn(1, 2, total, 16).to(torch.float16).float()
+    _feed(cache, kv, 5)
+    src = -kv[:, :, 4:20].numpy()
+    for layer, g in ((0, 16), (1, 8)):
+        _, v = cache.view(layer)
+        expect = quant.dequantize_values(quant.quantize_values(src, 3, g), 3, g, 16)
+        np.testing.assert_allclose(v[:, :, 4:20].numpy(), expect, atol=1e-6)
+        other = quant.dequantize_values(quant.quantize_values(src, 3, 24 - g), 3, 24 - g, 16)
+        assert np.abs(v[:, :, 4:20].numpy() - other).max() > 1e-3  # the group reaches the quantizer

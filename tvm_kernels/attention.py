@@ -7,7 +7,8 @@ Inputs (batch 1, the buffers exactly as CachePolicy.layer_tensors lists them):
   residual (p.residual "u8") each is u8 codes followed by its _scale and _zero
   [1,H,T,D/G] f16, dequantized in fp32 where fp16 is widened (pack.plain_input);
   ring keys: codes [1,H,N,D,B*bk/8] u8 + scale/zero [1,H,N,D] f16 (or ring_k [1,H,N,B,D] f16);
-  ring values: codes [1,H,N*B,D*bv/8] u8 + scale/zero [1,H,N*B,D/G] f16 (or ring_v f16);
+  ring values: codes [1,H,N*B,D*bv/8] u8 + scale/zero [1,H,N*B,D/Gv] f16 (Gv: p.group_v)
+  (or ring_v f16);
   with 8-bit metadata (p.meta "u8") scale/zero are u8 codes and each side adds its
   per-block meta [1,H,N,3] f16 (edgekv.meta_u8);
   RoPE tables (rope.py): sink_cos/sin [S,D/2]; blk_cos/sin [N+1,D/2], the angle of each
@@ -123,7 +124,7 @@ def _unrotate_dense(x, shape, idx, set_idx, d: int, name: str):
 def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]:
     """dense_rotation: un-rotate by a D-wide reduction instead of butterfly stages (GPUs)."""
     hq, h, d, s, n, b, g, c = p.num_heads, p.num_kv_heads, p.head_dim, p.sinks, p.slots, p.block, p.group, p.chunk
-    r, d2, u, w = p.rep, p.head_dim // 2, p.block // 8, p.head_dim // 8
+    r, d2, u, w, gv = p.rep, p.head_dim // 2, p.block // 8, p.head_dim // 8, p.group_v
     bk, bv = p.bits_k, p.bits_v
     neg = tirx.const(-3.0e38, F32)  # finite: a fully masked stage never makes inf - inf
     zero32 = tirx.const(0.0, F32)
@@ -148,8 +149,8 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         ring_v = [te.placeholder((1, h, n * b, d), F16, name="ring_v")]
     else:
         ring_v = [te.placeholder((1, h, n * b, d * bv // 8), U8, name="ring_v_codes"),
-                  te.placeholder((1, h, n * b, d // g), md, name="ring_v_scale"),
-                  te.placeholder((1, h, n * b, d // g), md, name="ring_v_zero")]
+                  te.placeholder((1, h, n * b, d // gv), md, name="ring_v_scale"),
+                  te.placeholder((1, h, n * b, d // gv), md, name="ring_v_zero")]
         if u8:
             ring_v.append(te.placeholder((1, h, n, 3), F16, name="ring_v_meta"))
 
@@ -281,7 +282,7 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         vd = te.compute((h, n, b, w, 8), lambda i, m, tok, x, l: ring_v[0][0, i, m * b + tok, x * 8 + l].astype(F32), name="vdeq")
     else:
         vcodes = ring_v[0]
-        gu = g // 8  # units of 8 channels per group: the group index is the unit's, not the lane's
+        gu = gv // 8  # units of 8 channels per group: the group index is the unit's, not the lane's
 
         def vdeq(i, m, tok, x, l):
             sc, z = scale_zero(ring_v, i, m, (0, i, m * b + tok, x // gu))

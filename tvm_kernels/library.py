@@ -5,7 +5,8 @@ Function names are stable so a loader finds them from the policy alone (`kernel_
   pack_k_b{bits}, pack_v_b{bits}        one residual block -> ring slot
   decode_k{bk}_v{bv}, prefill_k{bk}_v{bv}  attention (one query / one prefill chunk)
 each with the suffix `_r8` for an 8-bit sink/residual (policy.residual "u8"), whose
-kernels take other buffers.
+kernels take other buffers, and after the widths `_gv{G}` for ring values grouped by a
+value group other than policy.group (policy.groups_v; params.group_suffix).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tvm
 
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.tvm_kernels.build import compile_module, cuda_source, nvcc_fatbin, scheduled_attention, scheduled_pack
-from edgekv.tvm_kernels.params import attn_params, pack_params, residual_suffix
+from edgekv.tvm_kernels.params import attn_params, group_suffix, kernel_key, pack_key, pack_params, residual_suffix
 from edgekv.tvm_kernels.targets import is_gpu
 
 # gcc driver per cross triple (Debian's gcc-<triple> packages).
@@ -27,23 +28,25 @@ CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
 
 @dataclass(frozen=True)
 class KernelSet:
-    decode: dict[tuple[int, int], str]
-    prefill: dict[tuple[int, int], str]
-    pack: dict[tuple[str, int], str]
+    decode: dict[tuple[int, int, int], str]  # by params.kernel_key: (bits_k, bits_v, value group)
+    prefill: dict[tuple[int, int, int], str]
+    pack: dict[tuple[str, int, int], str]  # (side, bits, value group; policy.group for keys)
 
 
 def kernel_names(policy: CachePolicy) -> KernelSet:
-    pairs = sorted(set(zip(policy.bits_k, policy.bits_v)))
+    layers = range(policy.num_layers)
+    keys = sorted({kernel_key(policy, i) for i in layers})
     # The pack kernels neither rotate, clip, round with key feedback nor write 8-bit metadata
     # yet: such a bundle packs with pack.onnx (as every backend does today), and its library
     # holds attention kernels only.
     plain = (policy.rotation == "none" and policy.meta == "fp16" and not policy.clip
              and policy.key_feedback is None)
-    packs = [] if not plain else sorted({("k", b) for b in policy.bits_k if b < 16} | {("v", b) for b in policy.bits_v if b < 16})
-    r = residual_suffix(policy.residual)
-    return KernelSet({pr: f"decode_k{pr[0]}_v{pr[1]}{r}" for pr in pairs},
-                     {pr: f"prefill_k{pr[0]}_v{pr[1]}{r}" for pr in pairs},
-                     {pk: f"pack_{pk[0]}_b{pk[1]}{r}" for pk in packs})
+    packed = {pack_key(policy, i, side) for i in layers for side in "kv"}
+    packs = [] if not plain else sorted(k for k in packed if k[1] < 16)
+    r, g = residual_suffix(policy.residual), policy.group
+    return KernelSet({(k, v, gv): f"decode_k{k}_v{v}{group_suffix(g, gv)}{r}" for k, v, gv in keys},
+                     {(k, v, gv): f"prefill_k{k}_v{v}{group_suffix(g, gv)}{r}" for k, v, gv in keys},
+                     {pk: f"pack_{pk[0]}_b{pk[1]}{group_suffix(g, pk[2])}{r}" for pk in packs})
 
 
 def build_module(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int,
@@ -51,16 +54,15 @@ def build_module(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int
     """All kernels of the policy, scheduled for `target`, in one IRModule."""
     names = kernel_names(policy)
     funcs = {}
-    for (bk, bv), name in names.decode.items():
-        layer = next(i for i in range(policy.num_layers) if (policy.bits_k[i], policy.bits_v[i]) == (bk, bv))
-        for ch, nm in ((1, name), (chunk, names.prefill[(bk, bv)])):
+    for key, name in names.decode.items():
+        layer = next(i for i in range(policy.num_layers) if kernel_key(policy, i) == key)
+        for ch, nm in ((1, name), (chunk, names.prefill[key])):
             p = attn_params(policy, shape, layer, num_heads, chunk=ch)
             funcs[nm] = scheduled_attention(p, target, device).with_attr("global_symbol", nm)
-    for (side, bits), name in names.pack.items():
-        layer = next(i for i in range(policy.num_layers)
-                     if (policy.bits_k if side == "k" else policy.bits_v)[i] == bits)
-        p = pack_params(policy, shape, layer, side)
-        funcs[name] = scheduled_pack(p, side, target).with_attr("global_symbol", name)
+    for key, name in names.pack.items():
+        side = key[0]
+        layer = next(i for i in range(policy.num_layers) if pack_key(policy, i, side) == key)
+        funcs[name] = scheduled_pack(pack_params(policy, shape, layer, side), side, target).with_attr("global_symbol", name)
     return tvm.IRModule(funcs)
 
 

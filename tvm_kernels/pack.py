@@ -2,9 +2,10 @@
 edgekv.quant / edgekv.packing.
 
 Keys [1,H,B,D] -> codes [1,H,D,B*b/8] (per channel over the block), scale/zero [1,H,D].
-Values [1,H,B,D] -> codes [1,H,B,D*b/8] (per token in groups of G), scale/zero [1,H,B,D/G].
-The block is the residual as stored: fp16, or (residual "u8") 8-bit codes [1,H,B,D] with
-fp16 scale/zero [1,H,B,D/G], dequantized to fp32 first as the reference cache does.
+Values [1,H,B,D] -> codes [1,H,B,D*b/8] (per token in groups of Gv, p.group_v), scale/zero
+[1,H,B,D/Gv]. The block is the residual as stored: fp16, or (residual "u8") 8-bit codes
+[1,H,B,D] with fp16 scale/zero [1,H,B,D/G], dequantized to fp32 first as the reference
+cache does.
 
 The recipe is quant.py's, step by step in fp32: scale = fp16((max-min)/(2^b-1)),
 zero = fp16(min), code = clip(round_half_even((x - zero)/scale)) with the *stored* fp16
@@ -85,10 +86,10 @@ def pack_keys_te(p: PackParams) -> list[te.Tensor]:
 
 
 def pack_values_te(p: PackParams) -> list[te.Tensor]:
-    h, b, d, g, bits = p.heads, p.block, p.head_dim, p.group, p.bits
+    h, b, d, g, bits = p.heads, p.block, p.head_dim, p.group_v, p.bits
     levels = (1 << bits) - 1
     ng = d // g
-    inputs, x = plain_input("x", (1, h, b, d), g, p.residual)
+    inputs, x = plain_input("x", (1, h, b, d), p.group, p.residual)  # the residual groups by G
     e = te.reduce_axis((0, g), name="e")
     mn = te.compute((1, h, b, ng), lambda n, i, tok, k: te.min(x(n, i, tok, k * g + e), axis=e), name="vmin")
     e2 = te.reduce_axis((0, g), name="e2")

@@ -20,6 +20,17 @@ def _check_residual(residual: str) -> None:
         raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
 
 
+def _check_group(head_dim: int, group: int, what: str) -> None:
+    if group % 8 or head_dim % group:
+        raise ValueError(f"{what} {group} must be a multiple of 8 that divides head_dim {head_dim}")
+
+
+def group_suffix(group: int, group_v: int) -> str:
+    """Appended to kernel keys and names when ring values group otherwise than the
+    sinks/residual (policy.groups_v); empty otherwise, so those names never change."""
+    return "" if group_v == group else f"_gv{group_v}"
+
+
 def residual_suffix(residual: str) -> str:
     """Appended to kernel keys and library names: a kernel built for one sink/residual
     format must never be called on the other's buffers."""
@@ -29,7 +40,7 @@ def residual_suffix(residual: str) -> str:
 @dataclass(frozen=True)
 class PackParams:
     """Quantize + pack one block: keys [1,H,B,D] per channel, values [1,H,B,D] per token
-    in groups of G."""
+    in groups of Gv (`group_v`; the 8-bit residual input groups by G, `group`)."""
 
     heads: int
     head_dim: int
@@ -37,17 +48,23 @@ class PackParams:
     group: int
     bits: int
     residual: str = "fp16"  # input format (policy.residual): fp16, or u8 codes + scale/zero per group
+    group_v: int | None = None  # value group (policy.value_group); None: `group`
 
     def __post_init__(self) -> None:
         _check_residual(self.residual)
         if self.bits not in PACK_BITS:
             raise ValueError(f"pack supports bits {PACK_BITS}, got {self.bits}")
-        if self.block % 8 or self.head_dim % self.group or self.group % 8:
-            raise ValueError("block and group must be multiples of 8 and group must divide head_dim")
+        if self.block % 8:
+            raise ValueError(f"block must be a multiple of 8, got {self.block}")
+        if self.group_v is None:
+            object.__setattr__(self, "group_v", self.group)
+        _check_group(self.head_dim, self.group, "group")
+        _check_group(self.head_dim, self.group_v, "value group")
 
     @property
     def key(self) -> str:
-        return f"h{self.heads}_d{self.head_dim}_b{self.block}_g{self.group}_q{self.bits}{residual_suffix(self.residual)}"
+        return (f"h{self.heads}_d{self.head_dim}_b{self.block}_g{self.group}_q{self.bits}"
+                f"{group_suffix(self.group, self.group_v)}{residual_suffix(self.residual)}")
 
 
 @dataclass(frozen=True)
@@ -68,9 +85,12 @@ class AttnParams:
     rotate: bool = False  # quantized ring blocks hold K/V times the Hadamard matrix (policy.rotation)
     meta: str = "fp16"  # scale/zero storage (policy.meta): fp16, or u8 codes + per-block meta
     residual: str = "fp16"  # sinks/residual storage (policy.residual): fp16, or u8 codes + scale/zero
+    group_v: int | None = None  # ring value group (policy.value_group); None: `group`
 
     def __post_init__(self) -> None:
         _check_residual(self.residual)
+        if self.group_v is None:
+            object.__setattr__(self, "group_v", self.group)
         if self.meta not in ("fp16", "u8"):
             raise ValueError(f"meta must be 'fp16' or 'u8', got {self.meta!r}")
         if self.rotate and self.head_dim & (self.head_dim - 1):
@@ -79,8 +99,10 @@ class AttnParams:
             raise ValueError(f"attention supports bits {ATTN_BITS}, got K{self.bits_k} V{self.bits_v}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads (GQA)")
-        if self.head_dim % 16 or self.block % 8 or self.group % 8 or self.head_dim % self.group:
-            raise ValueError("head_dim must be a multiple of 16, block/group multiples of 8, group | head_dim")
+        if self.head_dim % 16 or self.block % 8:
+            raise ValueError("head_dim must be a multiple of 16, block a multiple of 8")
+        _check_group(self.head_dim, self.group, "group")
+        _check_group(self.head_dim, self.group_v, "value group")
         if self.chunk < 1 or self.block % self.chunk:
             raise ValueError(f"chunk {self.chunk} must divide block {self.block}")
         if self.slots < 1:
@@ -94,7 +116,8 @@ class AttnParams:
     def key(self) -> str:
         return (f"hq{self.num_heads}_hkv{self.num_kv_heads}_d{self.head_dim}_s{self.sinks}"
                 f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}"
-                + ("_rot" if self.rotate else "") + ("_m8" if self.meta == "u8" else "") + residual_suffix(self.residual))
+                + group_suffix(self.group, self.group_v) + ("_rot" if self.rotate else "")
+                + ("_m8" if self.meta == "u8" else "") + residual_suffix(self.residual))
 
     @property
     def cache_names(self) -> list[str]:
@@ -115,16 +138,36 @@ class AttnParams:
         sz = 2 if self.meta == "u8" else 4  # scale + zero bytes per group
         blk = (w // b) * h * 6 if self.meta == "u8" else 0  # per-block meta
         k = w * h * d * 2 if self.bits_k == 16 else w * h * d * self.bits_k // 8 + (w // b) * h * d * sz + blk
-        v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group) * sz) + blk
+        v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group_v) * sz) + blk
         return plain + k + v
+
+
+def value_group(policy: CachePolicy, layer: int) -> int:
+    """The group a layer's kernels use for ring values: the layer's own for quantized
+    values, else the policy's (16-bit values and keys have none), so kernels that do not
+    differ get one key."""
+    return policy.value_group(layer) if policy.bits_v[layer] != 16 else policy.group
+
+
+def kernel_key(policy: CachePolicy, layer: int) -> tuple[int, int, int]:
+    """(bits_k, bits_v, value group): what tells one layer's attention kernel from another's."""
+    return policy.bits_k[layer], policy.bits_v[layer], value_group(policy, layer)
+
+
+def pack_key(policy: CachePolicy, layer: int, side: str) -> tuple[str, int, int]:
+    """(side, bits, value group; policy.group for keys): what tells pack kernels apart."""
+    if side == "k":
+        return side, policy.bits_k[layer], policy.group
+    return side, policy.bits_v[layer], value_group(policy, layer)
 
 
 def pack_params(policy: CachePolicy, shape: KVShape, layer: int, side: str) -> PackParams | None:
     """Pack kernel of one layer's keys ('k') or values ('v'); None at 16 bits (a copy)."""
-    bits = policy.bits_k[layer] if side == "k" else policy.bits_v[layer]
+    _, bits, group_v = pack_key(policy, layer, side)
     if bits == 16:
         return None
-    return PackParams(shape.num_kv_heads, shape.head_dim, policy.block, policy.group, bits, policy.residual)
+    return PackParams(shape.num_kv_heads, shape.head_dim, policy.block, policy.group, bits, policy.residual,
+                      group_v)
 
 
 def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
@@ -133,4 +176,4 @@ def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
     slots = policy.ring_capacity(context) // policy.block
     return AttnParams(num_heads, shape.num_kv_heads, shape.head_dim, policy.sinks, slots,
                       policy.block, policy.group, policy.bits_k[layer], policy.bits_v[layer], chunk,
-                      policy.rotation == "hadamard", policy.meta, policy.residual)
+                      policy.rotation == "hadamard", policy.meta, policy.residual, value_group(policy, layer))

@@ -26,6 +26,7 @@ class EvalSetting:
     residual: str = "fp16"  # sinks/residual storage of quantized settings (CachePolicy.residual)
     clip: bool = True  # calibrated settings: calibrate range clipping too (edgekv.clipping)
     feedback: bool = True  # calibrated settings: round keys query-aware (edgekv.key_feedback)
+    value_groups: bool = False  # calibrated settings: value group G or 2G per layer (policy.groups_v)
     calibrated: float | None = None  # average code width: per-layer bits from calibration
     kv_ratio: float | None = None  # instead: the widest calibrated average within this x fp16
 
@@ -41,14 +42,14 @@ class EvalSetting:
         if self.calibrated is not None or self.kv_ratio is not None:
             what = f"{self.calibrated:g}-bit" if self.kv_ratio is None else f"{self.kv_ratio:g}x fp16"
             return (f"calibrated {what} {w}" + ("" if self.clip else " min/max")
-                    + ("" if self.feedback else " nearest"))
+                    + ("" if self.feedback else " nearest") + (" value groups" if self.value_groups else ""))
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
             f"{self.bits_k}-bit" if self.bits_k == self.bits_v else f"K{self.bits_k}/V{self.bits_v}")
         return f"{kv} {w}"
 
     def geometry(self) -> tuple:
         return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta,
-                self.residual, self.clip, self.feedback)
+                self.residual, self.clip, self.feedback, self.value_groups)
 
     def policy(self, num_layers: int) -> CachePolicy:
         """The cache policy; for a calibrated setting, its geometry with the base widths
@@ -84,6 +85,7 @@ class EvalRow:
     kl: float | None = None  # mean KL(fp16 cache || this cache), nats/token (quantized rows)
     clip: list = field(default_factory=list)  # (side, width, ratio) range clipping (policy.clip)
     key_rounding: str = "nearest"  # or "feedback" (policy.key_feedback)
+    groups_v: list = field(default_factory=list)  # per-layer value groups (policy.groups_v; []: all `group`)
 
 
 def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_tokens: int,
@@ -126,7 +128,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
         context = len(ids) // sequences
         predicted = None
         if sens_used is not None:
-            predicted = 100.0 * math.expm1(sens_used.predicted_loss(policy.bits_k, policy.bits_v))
+            predicted = 100.0 * math.expm1(sens_used.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v))
         per_layer = s.calibrated is not None
         rows.append(EvalRow(
             setting=s.label, bits_k=list(policy.bits_k) if per_layer else s.bits_k,
@@ -139,7 +141,8 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             passkey_trials=[asdict(t) for t in trials], average_bits=policy.average_bits(),
             bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted, kl=kl,
             clip=[list(c) for c in policy.clip],
-            key_rounding="nearest" if policy.key_feedback is None else "feedback"))
+            key_rounding="nearest" if policy.key_feedback is None else "feedback",
+            groups_v=list(policy.groups_v)))
         done.append((s, policy))
     # The calibration's prediction for uniform rows too, to check it against the truth (only
     # where they quantize as it was measured: same ratios, same key rounding).
@@ -155,13 +158,16 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
 def calibrated_setting(model, tokenizer, s: EvalSetting, num_layers: int, memo: dict):
     """(policy, Sensitivity) for a calibrated setting, chosen exactly as `edgekv export`
     chooses it (calibration.calibrated_policy); one sensitivity measurement per geometry."""
-    from edgekv.calibration import calibrated_policy, measure
+    from edgekv.calibration import calibrated_policy, coarse_group, measure
     from edgekv.clipping import candidates
 
     key = s.geometry()
     if key not in memo:
-        memo[key] = measure(model, tokenizer, s.policy(num_layers), clips=candidates(s.clip), feedback=s.feedback)
-    policy, _ = calibrated_policy(model, tokenizer, s.policy(num_layers), s.calibrated, sens=memo[key])
+        base = s.policy(num_layers)
+        memo[key] = measure(model, tokenizer, base, clips=candidates(s.clip), feedback=s.feedback,
+                            coarse_group=coarse_group(base, model, s.value_groups))
+    policy, _ = calibrated_policy(model, tokenizer, s.policy(num_layers), s.calibrated, sens=memo[key],
+                                  value_groups=s.value_groups)
     return policy, memo[key]
 
 

@@ -158,7 +158,8 @@ class CompressedKVCache:
             codes = c["ring_v_codes"][:, :, tok].unflatten(2, (len(order), b))  # [N,H,blocks,B,..]
             meta = c["ring_v_meta"][:, :, idx] if "ring_v_meta" in c else None
             ring_v = qt.dequantize_values(codes, c["ring_v_scale"][:, :, tok].unflatten(2, (len(order), b)),
-                                          c["ring_v_zero"][:, :, tok].unflatten(2, (len(order), b)), bv, p.group, d,
+                                          c["ring_v_zero"][:, :, tok].unflatten(2, (len(order), b)), bv,
+                                          p.value_group(layer), d,
                                           meta).flatten(2, 3)
         if "k" in self.rotation and bk != 16:
             ring_k = ring_k @ self.rotation["k"].T
@@ -209,7 +210,7 @@ class CompressedKVCache:
         if bv == 16:
             c["ring_v"][:, :, toks] = rv.to(torch.float16)
         else:
-            q = qt.quantize_values(rv, bv, p.group, p.meta, p.clip_ratio("v", bv))  # one block: its meta is per block
+            q = qt.quantize_values(rv, bv, p.value_group(layer), p.meta, p.clip_ratio("v", bv))  # one block: its meta is per block
             for part, x in zip(("codes", "scale", "zero"), q):
                 c[f"ring_v_{part}"][:, :, toks] = x
             if p.meta == "u8":
