@@ -326,7 +326,7 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
                            coarse_group=coarse_group(base, model, value_groups))
     # every candidate layout quantizes as it was measured
     base = base.with_(clip=sens.clip, key_feedback=sens.key_feedback)
-    fine_cost = base.value_meta_bits(base.group) - base.value_meta_bits(sens.coarse_group or base.group)
+    fine_cost = base.scale_zero_bits(base.group) - base.scale_zero_bits(sens.coarse_group or base.group)
     alloc = allocate(sens, target, base.group, fine_cost)
     policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v, groups_v=alloc.groups_v)
     selection = None

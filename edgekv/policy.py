@@ -252,9 +252,10 @@ class CachePolicy:
         return [TensorSpec(codes, shape, "uint8"), TensorSpec(scale, groups, "float16"),
                 TensorSpec(zero, groups, "float16")]
 
-    def value_meta_bits(self, group: int) -> float:
-        """Scale/zero bits per ring value element at `group` channels per group (the
-        per-block meta of "u8" excluded: it does not depend on the group)."""
+    def scale_zero_bits(self, group: int) -> float:
+        """Scale/zero bits per ring element when `group` elements share them (value
+        channels, or a key channel's block of tokens); the per-block meta of "u8" is not
+        included: it does not depend on the group."""
         return (16 if self.meta == "u8" else 32) / group
 
     def coarse_value_group(self, head_dim: int) -> int | None:
@@ -281,13 +282,12 @@ class CachePolicy:
     def ring_bytes_per_token(self, shape: KVShape) -> float:
         """Marginal bytes one more window token costs across all layers, metadata included."""
         h, d = shape.num_kv_heads, shape.head_dim
-        per_group = 2 if self.meta == "u8" else 4  # bytes of scale + zero
         per_block = 2 * META_FIELDS if self.meta == "u8" else 0  # bytes per block and head
         total = 0.0
         for i, (bk, bv) in enumerate(zip(self.bits_k, self.bits_v)):
-            g = self.value_group(i)
-            total += h * d * 2 if bk == 16 else h * (d * (bk / 8 + per_group / self.block) + per_block / self.block)
-            total += h * d * 2 if bv == 16 else h * (d * (bv / 8 + per_group / g) + per_block / self.block)
+            for bits, group in ((bk, self.block), (bv, self.value_group(i))):
+                total += h * d * 2 if bits == 16 else \
+                    h * (d * (bits + self.scale_zero_bits(group)) / 8 + per_block / self.block)
         return total
 
     def average_bits(self) -> float:

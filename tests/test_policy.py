@@ -130,7 +130,7 @@ def test_value_groups_are_validated_normalized_and_counted():
     assert mixed.ring_bytes_per_token(SHAPE) == pytest.approx(
         (8 * g64.ring_bytes_per_token(SHAPE) + 22 * g32.ring_bytes_per_token(SHAPE)) / 30)
     assert mixed.fp16_ratio(SHAPE) < 0.23 < g32.fp16_ratio(SHAPE)
-    assert mixed.fp16_equivalent().groups_v == () and mixed.value_meta_bits(64) == 0.25
+    assert mixed.fp16_equivalent().groups_v == () and mixed.scale_zero_bits(64) == 0.25
     assert mixed.coarse_value_group(64) == 64 and g64.coarse_value_group(64) is None
     with pytest.raises(PolicyError, match="one entry per layer"):
         CachePolicy.uniform(30, 3, groups_v=(64,) * 29, **kw)
