@@ -194,13 +194,17 @@ class Plan:
 
 
 def layer_bits(policy: CachePolicy) -> str:
-    """'layers 0-29 3:3' with runs of equal layers merged."""
-    pairs = list(zip(policy.bits_k, policy.bits_v))
+    """'layers 0-29 3:3' with runs of equal layers merged; a layer whose values group
+    by other than policy.group says so ('layer 4 3:3 g64')."""
+    groups = [policy.value_group(i) for i in range(policy.num_layers)]
+    pairs = [(k, v, "" if g == policy.group else f" g{g}")
+             for k, v, g in zip(policy.bits_k, policy.bits_v, groups)]
     out, start = [], 0
     for i in range(1, len(pairs) + 1):
         if i == len(pairs) or pairs[i] != pairs[start]:
-            rng = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
-            out.append(f"layers {rng} {pairs[start][0]}:{pairs[start][1]}")
+            rng = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
+            k, v, g = pairs[start]
+            out.append(f"{rng} {k}:{v}{g}")
             start = i
     return ", ".join(out)
 

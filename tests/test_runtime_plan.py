@@ -195,3 +195,11 @@ def test_plan_command(bundle, capsys):
         args.func(args)
     with pytest.raises(SystemExit):
         _cli(["plan", str(bundle), "--budget", "lots"])
+
+
+def test_layer_bits_merges_runs_and_names_value_groups():
+    from edgekv.runtime.planner import layer_bits
+
+    p = CachePolicy(bits_k=(2, 3, 3, 3), bits_v=(3, 3, 3, 4), groups_v=(32, 64, 64, 32))
+    assert layer_bits(p) == "layer 0 2:3, layers 1-2 3:3 g64, layer 3 3:4"
+    assert layer_bits(CachePolicy.uniform(4, 3)) == "layers 0-3 3:3"
