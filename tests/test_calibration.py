@@ -9,6 +9,15 @@ from edgekv.policy import CachePolicy
 from edgekv.reference import quant_torch as qt
 
 POLICY = CachePolicy.uniform(2, 3, sinks=2, window=16, block=8, group=8)
+TINY_EXPORT = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
+
+
+def _export(model_dir, out, *flags: str) -> dict:
+    """`edgekv export` of the tiny model with `flags` at TINY_EXPORT's geometry: its manifest."""
+    from edgekv.cli import main
+
+    assert main(["export", str(model_dir), "-o", str(out), *flags, *TINY_EXPORT]) == 0
+    return json.loads((out / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -142,12 +151,8 @@ def test_measure_keeps_the_clip_ratio_with_the_least_summed_loss(tiny_model, tin
 
 
 def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
-    from edgekv.cli import main
-
-    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
     out = tmp_path / "cal"
-    assert main(["export", str(tiny_model_dir), "-o", str(out), "--bits", "2.5", *args]) == 0
-    m = json.loads((out / "manifest.json").read_text())
+    m = _export(tiny_model_dir, out, "--bits", "2.5")
     a, p = m["allocation"], m["policy"]
     assert a["layout"] == "calibrated" and a["target_bits"] == 2.5
     assert a["average_bits"] == p["average_bits"] <= 2.5
@@ -158,16 +163,13 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     assert p["meta"] == "u8"
     assert m["cache"]["bits_per_element_with_metadata"] == pytest.approx(p["average_bits"] + 2 + 48 / 128)
     out2 = tmp_path / "uni"
-    assert main(["export", str(tiny_model_dir), "-o", str(out2), "--bits", "2.5",
-                 "--bits-layout", "uniform", *args]) == 0
-    m2 = json.loads((out2 / "manifest.json").read_text())
+    m2 = _export(tiny_model_dir, out2, "--bits", "2.5", "--bits-layout", "uniform")
     assert m2["policy"]["bits_k"] == [3, 3] and m2["policy"]["bits_v"] == [2, 2]
     assert m2["allocation"]["layout"] == "given" and m2["policy"]["clip"] == []
     # Range clipping: chosen by calibration, recorded in the policy and the allocation.
     assert p["clip"] == a["clip"] and a["calibration"]["clip_candidates"][0] == 1.0
     out3 = tmp_path / "minmax"
-    assert main(["export", str(tiny_model_dir), "-o", str(out3), "--bits", "2.5", "--clip", "none", *args]) == 0
-    m3 = json.loads((out3 / "manifest.json").read_text())
+    m3 = _export(tiny_model_dir, out3, "--bits", "2.5", "--clip", "none")
     assert m3["policy"]["clip"] == [] and m3["allocation"]["calibration"]["clip_candidates"] == [1.0]
     # Query-aware key rounding: on by default, its matrices shipped and hashed; off on request.
     assert p["key_feedback"] == "key_feedback.npy" and "key_feedback.npy" in m["files"]
@@ -175,9 +177,7 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     assert np.load(out / "key_feedback.npy").shape == (2, 2, 16, 16)
     assert m2["policy"]["key_feedback"] is None and not (out2 / "key_feedback.npy").exists()
     out4 = tmp_path / "nearest"
-    assert main(["export", str(tiny_model_dir), "-o", str(out4), "--bits", "2.5", "--key-rounding", "nearest",
-                 *args]) == 0
-    m4 = json.loads((out4 / "manifest.json").read_text())
+    m4 = _export(tiny_model_dir, out4, "--bits", "2.5", "--key-rounding", "nearest")
     assert m4["policy"]["key_feedback"] is None and m4["allocation"]["key_rounding"] == "nearest"
     from edgekv.runtime.planner import bundle_weights_bytes  # the matrices count as resident memory
 
@@ -196,10 +196,7 @@ def test_export_kv_ratio_fits_the_cache_to_a_fraction_of_fp16(tiny_model_dir, tm
     from edgekv.cli import main
     from edgekv.policy import CachePolicy, KVShape
 
-    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
-    out = tmp_path / "ratio"
-    assert main(["export", str(tiny_model_dir), "-o", str(out), "--kv-ratio", "0.4", *args]) == 0
-    m = json.loads((out / "manifest.json").read_text())
+    m = _export(tiny_model_dir, tmp_path / "ratio", "--kv-ratio", "0.4")
     base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8",
                                residual="u8")
     want = average_for_fp16_ratio(base, KVShape(2, 2, 16), 0.4)
@@ -210,7 +207,7 @@ def test_export_kv_ratio_fits_the_cache_to_a_fraction_of_fp16(tiny_model_dir, tm
                      (["--kv-ratio", "0.4", "--bits-layout", "uniform"], "needs the calibrated layout"),
                      (["--kv-ratio", "1.5"], "must lie in (0, 1]"),
                      (["--kv-ratio", "0.05"], "below what 1 bit everywhere needs")):
-        assert main(["export", str(tiny_model_dir), "-o", str(tmp_path / "bad"), *bad, *args]) == 2
+        assert main(["export", str(tiny_model_dir), "-o", str(tmp_path / "bad"), *bad, *TINY_EXPORT]) == 2
         assert msg in capsys.readouterr().err
 
 
@@ -251,15 +248,12 @@ def test_sampled_fisher_is_the_expected_squared_gradient(tiny_model):
 def test_export_u8_residual_reaches_the_manifest_and_widens_a_kv_ratio(tiny_model_dir, tmp_path):
     """--residual u8 shrinks the fixed part of the cache, so the same --kv-ratio leaves more
     code bits; the manifest records it and the runtime opens the bundle with it."""
-    from edgekv.cli import main
     from edgekv.runtime.bundle import open_bundle
 
-    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8", "--kv-ratio", "0.4"]
     targets = {}
     for residual in ("fp16", "u8"):
         out = tmp_path / residual
-        assert main(["export", str(tiny_model_dir), "-o", str(out), "--residual", residual, *args]) == 0
-        m = json.loads((out / "manifest.json").read_text())
+        m = _export(tiny_model_dir, out, "--residual", residual, "--kv-ratio", "0.4")
         assert m["policy"]["residual"] == residual and m["cache"]["fp16_ratio"] <= 0.4
         assert open_bundle(out).policy.residual == residual
         targets[residual] = m["allocation"]["target_bits"]
@@ -301,15 +295,12 @@ def test_calibrated_policy_chooses_value_groups_within_the_budget(tiny_model, ti
 def test_export_value_groups_stay_within_the_bytes_of_the_target(tiny_model_dir, tmp_path):
     """--value-groups calibrated: each layer's values group by 8 or 16 channels; the cache
     costs no more than --bits at --group everywhere, and the manifest and the runtime agree."""
-    from edgekv.cli import main
     from edgekv.runtime.bundle import open_bundle
 
-    args = ["--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8", "--bits", "2.5"]
     ratios = {}
     for choice in ("fixed", "calibrated"):
         out = tmp_path / choice
-        assert main(["export", str(tiny_model_dir), "-o", str(out), "--value-groups", choice, *args]) == 0
-        m = json.loads((out / "manifest.json").read_text())
+        m = _export(tiny_model_dir, out, "--value-groups", choice, "--bits", "2.5")
         groups = m["policy"].get("groups_v", [])
         assert groups == m["allocation"]["groups_v"] and set(groups) <= {8, 16}
         assert list(open_bundle(out).policy.groups_v) == groups
