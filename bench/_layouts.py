@@ -55,6 +55,16 @@ def shipped(args):
     return loaded, shape, ids, geometry, CachePolicy.uniform(shape.num_layers, 3, **geometry)
 
 
+def uniform(base, target: float, sens):
+    """`base` at the uniform widths of `target` (K3/V2 for 2.5), quantizing as `sens` was
+    measured (its clip ratios and key rounding): the uniform row beside a calibrated one."""
+    from edgekv.allocation import uniform_pair
+
+    bk, bv = uniform_pair(target)
+    n = base.num_layers
+    return base.with_(bits_k=(bk,) * n, bits_v=(bv,) * n, clip=sens.clip, key_feedback=sens.key_feedback)
+
+
 def score(loaded, shape, geometry: dict, layouts: list[tuple[dict, object]], ids: list[int],
           sequences: int) -> tuple[list[dict], float]:
     """layouts: (row fields, CachePolicy). Rows gain KL, ppl, Δppl, bits/element, bytes

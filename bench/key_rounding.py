@@ -23,7 +23,6 @@ def main() -> None:
                     help="also K{b}/V16 and K16/V{b} at this width with feedback: which side loses what")
     args = ap.parse_args()
 
-    from edgekv.allocation import uniform_pair
     from edgekv.calibration import calibrated_policy, measure
 
     loaded, shape, ids, geometry, base = _layouts.shipped(args)
@@ -34,12 +33,10 @@ def main() -> None:
     layouts = []  # (row fields, policy)
     kinds = args.layouts.split(",")
     for target in _layouts.targets(args):
-        bk, bv = uniform_pair(target)
         for rounding, s in sens.items():
             row = {"target": target, "rounding": rounding}
             if "uniform" in kinds:
-                layouts.append(({**row, "layout": "uniform"}, base.with_(
-                    bits_k=(bk,) * n, bits_v=(bv,) * n, clip=s.clip, key_feedback=s.key_feedback)))
+                layouts.append(({**row, "layout": "uniform"}, _layouts.uniform(base, target, s)))
             if "calibrated" in kinds and target > min(s.widths):
                 policy, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=s)
                 layouts.append(({**row, "layout": f"calibrated ({record['selection']['chosen']})"}, policy))

@@ -34,11 +34,10 @@ def main() -> None:
     ap.set_defaults(bits="2,3,4")
     args = ap.parse_args()
 
-    from edgekv.allocation import uniform_pair
     from edgekv.calibration import calibrated_policy, measure
 
     loaded, shape, ids, geometry, base = _layouts.shipped(args)
-    model, tok, n = loaded.model, loaded.tokenizer, shape.num_layers
+    model, tok = loaded.model, loaded.tokenizer
     t0 = time.perf_counter()
     layouts, shipped_sens = [], None
     for name, change, options in VARIANTS:
@@ -50,13 +49,12 @@ def main() -> None:
             chosen = record["selection"]["chosen"] if record["selection"] else "allocation"
             layouts.append(({"target": target, "layout": f"{name} ({chosen})"}, policy))
     for target in _layouts.targets(args):
-        bk, bv = uniform_pair(target)
-        widths = dict(bits_k=(bk,) * n, bits_v=(bv,) * n)
-        # the shipped cache with a uniform layout: its clip ratios and key rounding stay
-        layouts.append(({"target": target, "layout": "- calibrated layout (uniform)"}, base.with_(
-            **widths, clip=shipped_sens.clip, key_feedback=shipped_sens.key_feedback)))
+        # the shipped cache with a uniform layout (its clip ratios and key rounding stay), and
+        # the straightforward one at the same widths
+        same = _layouts.uniform(base, target, shipped_sens)
+        layouts.append(({"target": target, "layout": "- calibrated layout (uniform)"}, same))
         layouts.append(({"target": target, "layout": "straightforward (uniform, nothing else)"},
-                        base.with_(**widths, **STRAIGHTFORWARD)))
+                        same.with_(clip=(), key_feedback=None, **STRAIGHTFORWARD)))
     layouts.sort(key=lambda lp: lp[0]["target"])
     calibration_s = time.perf_counter() - t0
     rows, evaluation_s = _layouts.score(loaded, shape, geometry, layouts, ids, args.sequences)

@@ -20,20 +20,17 @@ def main() -> None:
     ap = _layouts.shipped_parser(__doc__, "bench/results/one-bit-smollm2.json")
     args = ap.parse_args()
 
-    from edgekv.allocation import uniform_pair
     from edgekv.calibration import calibrated_policy, measure
 
     loaded, shape, ids, geometry, base = _layouts.shipped(args)
-    model, n = loaded.model, shape.num_layers
+    model = loaded.model
     t0 = time.perf_counter()
     sens = measure(model, loaded.tokenizer, base)  # every width; the rows without 1 bit drop it
     assert sens.widths[0] == 1
     without, with_one = sens.restricted((2, 3, 4, 8)), sens.restricted((1, 2, 3, 4, 8))
     layouts = []  # (row fields, policy)
     for target in _layouts.targets(args):
-        bk, bv = uniform_pair(target)
-        layouts.append(({"target": target, "layout": "uniform"}, base.with_(
-            bits_k=(bk,) * n, bits_v=(bv,) * n, clip=sens.clip, key_feedback=sens.key_feedback)))
+        layouts.append(({"target": target, "layout": "uniform"}, _layouts.uniform(base, target, sens)))
         for name, s in (("calibrated {2,3,4,8}", without), ("calibrated {1,2,3,4,8}", with_one)):
             if target > min(s.widths):
                 policy, record = calibrated_policy(model, loaded.tokenizer, base, target, sens=s)
