@@ -188,7 +188,7 @@ def _add_policy_args(p) -> None:
                         "at equal bytes (--bits 3.5 u8 vs --bits 3 fp16: same memory, -54 %% KL); a "
                         "3-bit cache with an fp16 residual is 0.247x of fp16 with u8, 0.275x with fp16 "
                         "(W1024)")
-    p.add_argument("--residual", choices=["u8", "fp16"], default="u8",
+    p.add_argument("--residual", choices=["u8", "u8h", "fp16"], default="u8",
                    help="storage of the sinks and the residual (the newest, not yet quantized "
                         "--block tokens): u8, 8-bit codes per token with an fp16 scale and zero per "
                         "--group channels (9 bits per element at group 32; a 3-bit cache at W1024 "

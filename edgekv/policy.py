@@ -21,12 +21,25 @@ SUPPORTED_BITS = (*PACKED_BITS, 16)  # 16: the ring stays fp16
 PositionMode = Literal["cache", "original"]
 ROTATIONS = ("none", "hadamard")
 METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)
-RESIDUALS = ("fp16", "u8")  # storage of the sinks and the residual (CachePolicy.residual)
+# storage of the sinks and the residual (CachePolicy.residual): fp16, or 8-bit codes per token
+# with an fp16 scale/zero per group of G channels ("u8") or per token and KV head ("u8h")
+RESIDUALS = ("fp16", "u8", "u8h")
+
+
+def plain_group(residual: str, group: int, head_dim: int) -> int:
+    """Channels per scale/zero of 8-bit sinks/residual: G ("u8") or the whole head ("u8h")."""
+    return head_dim if residual == "u8h" else group
+
+
+def residual_suffix(residual: str) -> str:
+    """Appended to the names of graph functions and kernels built for one sink/residual
+    format, so bundles and kernel libraries never mix them."""
+    return {"fp16": "", "u8": "_r8", "u8h": "_r8h"}[residual]
 
 
 def plain_names(name: str, residual: str) -> list[str]:
     """The buffers that hold sink/residual tensor `name` ("sink_k", ..., or a graph's "k"):
-    itself in fp16, or with residual "u8" its 8-bit codes, name_scale and name_zero."""
+    itself in fp16, or with an 8-bit residual its codes, name_scale and name_zero."""
     return [name] if residual == "fp16" else [name, f"{name}_scale", f"{name}_zero"]
 
 
@@ -88,8 +101,9 @@ class CachePolicy:
     `key_feedback`: per-layer step matrices that round keys query-aware instead of to the
     nearest code (edgekv.key_feedback; None: nearest), and `residual`: how the sinks and
     the residual are stored ("fp16", or "u8": per token 8-bit codes with an fp16 scale and
-    zero per group of G channels, 8 + 32/G bits per element; new tokens are rounded that way
-    before attention sees them), and `groups_v`: the value group of each layer's ring (empty:
+    zero per group of G channels, 8 + 32/G bits per element; or "u8h": one fp16 scale and zero
+    per token and KV head, 8 + 32/head_dim bits; new tokens are rounded that way before
+    attention sees them), and `groups_v`: the value group of each layer's ring (empty:
     G everywhere; the sinks and residual always group by G), so calibration can coarsen
     value metadata only where it costs little (edgekv.allocation)."""
 
@@ -242,13 +256,18 @@ class CachePolicy:
                 t.append(TensorSpec("ring_v_meta", (*pre, nblk, META_FIELDS), "float16"))
         return t
 
+    def residual_group(self, head_dim: int) -> int:
+        """Channels per scale/zero of the 8-bit sinks and residual: G ("u8"), or the whole
+        head ("u8h"; fp16 keeps no scale, and this is then unused)."""
+        return plain_group(self.residual, self.group, head_dim)
+
     def plain_tensors(self, name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
-        """A sink or residual buffer [..., T, D]: fp16, or with residual "u8" the codes plus
-        an fp16 scale and zero per group of G channels (named name_scale, name_zero)."""
+        """A sink or residual buffer [..., T, D]: fp16, or with an 8-bit residual the codes
+        plus an fp16 scale and zero per group (`residual_group`; named name_scale, name_zero)."""
         if self.residual == "fp16":
             return [TensorSpec(name, shape, "float16")]
         codes, scale, zero = plain_names(name, self.residual)
-        groups = (*shape[:-1], shape[-1] // self.group)
+        groups = (*shape[:-1], shape[-1] // self.residual_group(shape[-1]))
         return [TensorSpec(codes, shape, "uint8"), TensorSpec(scale, groups, "float16"),
                 TensorSpec(zero, groups, "float16")]
 

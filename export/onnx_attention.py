@@ -13,7 +13,7 @@ from edgekv.export.onnx_ops import (
     DOMAIN, F32, OPSET, Emitter, _decode_u8, _hadamard, _suffix, unpack_last, unpack_rows,
 )
 from edgekv.export.onnx_plain import read_plain
-from edgekv.policy import layer_buffer_names, plain_names
+from edgekv.policy import layer_buffer_names, plain_group, plain_names, residual_suffix
 
 PLAIN = ("sink_k", "sink_v", "residual_k", "residual_v")
 
@@ -31,7 +31,7 @@ def attention_name(bits_k: int, bits_v: int, rotate: bool = False, meta: str = "
     group_v: the ring values' group where it is not the sinks/residual group (functions are
     shared by the layers of one name, so the name must tell value groups apart)."""
     quantized = bits_k != 16 or bits_v != 16
-    res = "" if residual == "fp16" else "_r8"
+    res = residual_suffix(residual)
     gv = f"_gv{group_v}" if group_v is not None and bits_v != 16 else ""
     return (f"CompressedAttention_k{bits_k}_v{bits_v}{gv}"
             f"{_suffix(rotate and quantized, meta if quantized else 'fp16')}{res}")
@@ -88,7 +88,7 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     Inputs: q [1,Hq,T,D] fp32 pre-RoPE; k, v [1,Hkv,T,D] fp32 (already rounded as the
     residual stores them); cos_k/sin_k [L+T,D] for every cache slot then the new tokens;
     cos_q/sin_q [T,D]; mask bool [T,L+T]; the layer's cache buffers (sinks/residual in fp16
-    or 8-bit per `residual` (export.onnx_plain) with `group`, ring as stored, ring values
+    or 8-bit per `residual` (export.onnx_plain) with `group` or per head, ring as stored, ring values
     grouped by `group_v` (None: `group`)).
     Output: o [1,Hq,T,D] fp32. Cache slots are attended in storage order; positions and
     the mask make the order irrelevant, so nothing is gathered or reordered.
@@ -105,7 +105,8 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     ring_k = _ring_keys(e, bits_k, head_dim, meta)
     if rot_k:
         ring_k = e.op("MatMul", ring_k, h)
-    plain = {name: read_plain(e, plain_names(name, residual), residual, group, head_dim) for name in PLAIN}
+    rg = plain_group(residual, group, head_dim)
+    plain = {name: read_plain(e, plain_names(name, residual), residual, rg, head_dim) for name in PLAIN}
     keys = e.op("Concat", plain["sink_k"], ring_k, plain["residual_k"], "k", axis=2)
     fp_vals = [plain["sink_v"], plain["residual_v"], "v"]
     if rot_v:

@@ -126,13 +126,13 @@ def build_decoder(model, policy: CachePolicy, tokens: int, context: int | None =
         q = heads("q_proj", hq)
         # New K/V rounded as the sinks/residual store them (the outputs the runtime writes
         # there), seen by attention right away.
-        res, g = policy.residual, policy.group
+        res, g, rg = policy.residual, policy.group, policy.residual_group(d)
         new_kv = []
         for side, proj in (("k", "k_proj"), ("v", "v_proj")):
             names = plain_names(f"new.{i}.{side}", res)
-            stored = store_new(e, e.op("Cast", heads(proj, hkv), to=F16), res, g, names)
-            new_kv.append(read_plain(e, stored, res, g, d))
-            new_outputs += [helper.make_tensor_value_info(n, dt, [1, hkv, t, d if n == names[0] else d // g])
+            stored = store_new(e, e.op("Cast", heads(proj, hkv), to=F16), res, rg, names)
+            new_kv.append(read_plain(e, stored, res, rg, d))
+            new_outputs += [helper.make_tensor_value_info(n, dt, [1, hkv, t, d if n == names[0] else d // rg])
                             for n, dt in zip(names, plain_types(res))]
         bk, bv = policy.bits_k[i], policy.bits_v[i]
         rotate = policy.rotation == "hadamard"

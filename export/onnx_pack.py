@@ -40,7 +40,7 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     each value group Gv a layer quantizes with (named v{b}g{Gv}_... where Gv is not G)
     (of the Hadamard-rotated block when policy.rotation says so)."""
     policy.check_shape(shape)
-    h, d, blk, g = shape.num_kv_heads, shape.head_dim, policy.block, policy.group
+    h, d, blk = shape.num_kv_heads, shape.head_dim, policy.block
     kbits, vouts = pack_outputs(policy)
     e = Emitter()
     outputs, functions = [], []
@@ -50,8 +50,9 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     # only its own (input k_bits; the other widths' outputs are zeros the runtime never reads).
     gated = bool(feedback_dim) and len(kbits) > 1
     res = policy.residual
-    x = {side: read_plain(e, plain_names(side, res), res, g, d) for side in "kv"}  # fp32 [1,H,B,D]
-    # keys have no group (None); the residual inputs are grouped by G, values by their own Gv
+    rg = policy.residual_group(d)
+    x = {side: read_plain(e, plain_names(side, res), res, rg, d) for side in "kv"}  # fp32 [1,H,B,D]
+    # keys have no group (None); the residual inputs are grouped by rg, values by their own Gv
     for side, widths in (("k", [(b, None) for b in kbits]), ("v", vouts)):
         for b, gv in widths:
             if side == "k":
@@ -75,7 +76,7 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
         e.op("Cast", x["k"], to=F16, out="k16")
         e.op("Cast", x["v"], to=F16, out="v16")
         outputs = [helper.make_tensor_value_info(n, F16, [1, h, blk, d]) for n in ("k16", "v16")]
-    inputs = [helper.make_tensor_value_info(n, dt, [1, h, blk, d if n == side else d // g])
+    inputs = [helper.make_tensor_value_info(n, dt, [1, h, blk, d if n == side else d // rg])
               for side in "kv" for n, dt in zip(plain_names(side, res), plain_types(res))]
     if feedback_dim:  # the layer's key feedback step matrices (edgekv.key_feedback), bound per layer
         inputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [h, d, d]))

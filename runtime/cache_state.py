@@ -38,7 +38,7 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
 
 def new_token_buffers(policy: CachePolicy, shape: KVShape, t: int) -> list[dict[str, np.ndarray]]:
     """Per layer, the buffers a graph with t token slots writes its new K/V into (outputs
-    `new.{layer}.{name}`): k and v fp16, or with residual "u8" also k_scale, k_zero, ..."""
+    `new.{layer}.{name}`): k and v fp16, or with an 8-bit residual also k_scale, k_zero, ..."""
     dims = (1, shape.num_kv_heads, t, shape.head_dim)
     return [{s.name: aligned_zeros(s.shape, s.dtype) for side in "kv" for s in policy.plain_tensors(side, dims)}
             for _ in range(shape.num_layers)]
@@ -51,12 +51,12 @@ def graph_outputs(new: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def plain_float(policy: CachePolicy, arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """A sink/residual buffer as float32 [..., T, D]: `arrays` holds `name` (fp16, or 8-bit
-    codes with `name`_scale and `name`_zero when policy.residual is "u8")."""
+    codes with `name`_scale and `name`_zero when policy.residual is "u8" or "u8h")."""
     if policy.residual == "fp16":
         return arrays[name].astype(np.float32)
     codes = arrays[name]
     q = Quantized(codes, arrays[f"{name}_scale"], arrays[f"{name}_zero"], None)
-    return dequantize_values(q, 8, policy.group, codes.shape[-1])
+    return dequantize_values(q, 8, policy.residual_group(codes.shape[-1]), codes.shape[-1])
 
 
 class CacheState:

@@ -10,7 +10,7 @@ from edgekv.export.onnx_graph import build_decoder, cache_inputs
 from edgekv.export.onnx_ops import DOMAIN, OPSET, Emitter, unpack_last, unpack_rows
 from edgekv.packing import pack, unpack
 from edgekv.export.onnx_pack import build_pack
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import CachePolicy, KVShape, residual_suffix
 from edgekv.reference.model import ReferenceModel, kv_shape
 from onnx_driver import OnnxDriver, session
 
@@ -237,19 +237,20 @@ def test_u8_metadata_cache_matches_reference(tiny_model, bits_k, bits_v, rotatio
     assert ins[f"past.{layer}.ring_k_scale"] == onnx.TensorProto.UINT8 and f"past.{layer}.ring_k_meta" in ins
 
 
-@pytest.mark.parametrize("bits_k,bits_v,rotation,meta", [
-    ((4, 8), (2, 16), "none", "fp16"), ((3, 2), (3, 4), "hadamard", "u8"), ((16, 2), (3, 16), "hadamard", "u8"),
+@pytest.mark.parametrize("bits_k,bits_v,rotation,meta,residual", [
+    ((4, 8), (2, 16), "none", "fp16", "u8"), ((3, 2), (3, 4), "hadamard", "u8", "u8"),
+    ((16, 2), (3, 16), "hadamard", "u8", "u8"), ((3, 2), (3, 4), "hadamard", "u8", "u8h"),
 ])
-def test_u8_residual_cache_matches_reference(tiny_model, bits_k, bits_v, rotation, meta):
-    """policy.residual = u8: the graphs quantize new K/V to 8 bits per token (the outputs the
-    driver stores in the sinks/residual), attention and pack.onnx read those codes; the
+def test_u8_residual_cache_matches_reference(tiny_model, bits_k, bits_v, rotation, meta, residual):
+    """policy.residual = u8/u8h: the graphs quantize new K/V to 8 bits per token (the outputs
+    the driver stores in the sinks/residual), attention and pack.onnx read those codes; the
     reference rounds and stores the same way. 16-bit sides get the dequantized residual."""
-    policy = _policy(bits_k, bits_v, rotation=rotation, meta=meta, residual="u8")
+    policy = _policy(bits_k, bits_v, rotation=rotation, meta=meta, residual=residual)
     diff = _compare(tiny_model, policy)
-    print(f"u8 residual: max |logit diff| {diff:.2e}")
+    print(f"{residual} residual: max |logit diff| {diff:.2e}")
     assert diff < (U8_LOGITS_ATOL if meta == "u8" else LOGITS_ATOL)
     m = build_decoder(tiny_model, policy, 1)
-    assert all(f.name.endswith("_r8") for f in m.functions)
+    assert all(f.name.endswith(residual_suffix(residual)) for f in m.functions)
     ins = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
     outs = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
     for names in (ins, outs):
@@ -257,12 +258,12 @@ def test_u8_residual_cache_matches_reference(tiny_model, bits_k, bits_v, rotatio
     assert "past.0.residual_v_scale" in ins and "new.1.v_zero" in outs
 
 
-@pytest.mark.parametrize("rotation", ["none", "hadamard"])
-def test_pack_reads_an_8_bit_residual_bit_exactly(rotation):
-    """pack.onnx with residual u8 dequantizes the stored residual and packs exactly what
+@pytest.mark.parametrize("rotation,residual,rg", [("none", "u8", 8), ("hadamard", "u8", 8), ("hadamard", "u8h", 16)])
+def test_pack_reads_an_8_bit_residual_bit_exactly(rotation, residual, rg):
+    """pack.onnx with an 8-bit residual dequantizes the stored residual and packs exactly what
     numpy packs from those dequantized values."""
     shape = KVShape(num_layers=2, num_kv_heads=2, head_dim=16)
-    policy = _policy((3, 16), (2, 4), rotation=rotation, meta="u8", residual="u8")
+    policy = _policy((3, 16), (2, 4), rotation=rotation, meta="u8", residual=residual)
     sess = session(build_pack(policy, shape))
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(1)
@@ -271,12 +272,12 @@ def test_pack_reads_an_8_bit_residual_bit_exactly(rotation):
         feeds = {}
         for side in "kv":
             x = (rng.standard_normal((1, 2, 8, 16)) * 10.0 ** rng.uniform(-2, 1)).astype(np.float16)
-            q = quant.quantize_values(x.astype(np.float32), 8, 8)
+            q = quant.quantize_values(x.astype(np.float32), 8, rg)
             feeds.update({side: q.codes, f"{side}_scale": q.scale, f"{side}_zero": q.zero})
         out = dict(zip(names, sess.run(None, feeds)))
         for side, widths in (("k", (3,)), ("v", (2, 4))):
             x = quant.dequantize_values(quant.Quantized(feeds[side], feeds[f"{side}_scale"], feeds[f"{side}_zero"],
-                                                        None), 8, 8, 16)
+                                                        None), 8, rg, 16)
             x = x if h is None else x @ h
             for b in widths:
                 q = quant.quantize_keys(x, b, "u8") if side == "k" else quant.quantize_values(x, b, 8, "u8")

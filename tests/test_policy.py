@@ -118,6 +118,20 @@ def test_u8_residual_bytes_by_hand():
         CachePolicy.uniform(30, 3, residual="int4")
 
 
+def test_per_head_residual_bytes_by_hand():
+    """residual "u8h": 8-bit codes with one fp16 scale and zero per token and KV head, so a
+    layer's sinks and residual cost (S + B) * H * 2 * (D + 4) bytes."""
+    kw = dict(window=1024, sinks=4, block=32, group=32, meta="u8")
+    h, d = 3, 64
+    per_head, per_group = (CachePolicy.uniform(30, 3, residual=r, **kw) for r in ("u8h", "u8"))
+    assert per_group.layer_bytes(SHAPE, 0) - per_head.layer_bytes(SHAPE, 0) == (4 + 32) * h * 2 * (4 * d // 32 - 4)
+    names = {t.name: (t.shape, t.dtype) for t in per_head.layer_tensors(SHAPE, 0)}
+    assert names["residual_k_scale"] == ((1, h, 32, 1), "float16") and names["sink_v"] == ((1, h, 4, d), "uint8")
+    assert per_head.residual_group(d) == d and per_group.residual_group(d) == 32
+    assert per_head.fp16_equivalent() == per_group.fp16_equivalent()
+    assert "residual=u8h" in per_head.describe()
+
+
 def test_value_groups_are_validated_normalized_and_counted():
     kw = dict(window=1024, sinks=4, block=32, meta="u8", residual="u8")
     assert CachePolicy.uniform(30, 3, groups_v=(32,) * 30, **kw) == CachePolicy.uniform(30, 3, **kw)

@@ -53,13 +53,15 @@ def test_eviction_keeps_sinks_and_newest_tokens(bits, step):
     assert cache.new_positions(2).tolist() == [41, 42]
 
 
+@pytest.mark.parametrize("residual,rg", [("u8", 8), ("u8h", 16)])
 @pytest.mark.parametrize("bits", [3, 16])
-def test_u8_residual_stores_sinks_and_residual_as_8_bit_codes(bits):
-    """residual "u8": the sinks and the residual read back as numpy's 8-bit per-token
-    quantization of what was appended (exactly), the ring blocks as quantized from those
-    read-back values, and the bytes fall by what the policy says."""
+def test_u8_residual_stores_sinks_and_residual_as_8_bit_codes(bits, residual, rg):
+    """residual "u8"/"u8h": the sinks and the residual read back as numpy's 8-bit per-token
+    quantization (groups of G, or of the whole head) of what was appended (exactly), the
+    ring blocks as quantized from those read-back values, and the bytes fall by what the
+    policy says."""
     kw = dict(window=32, sinks=4, block=8, group=8)
-    p = CachePolicy.uniform(2, bits, residual="u8", **kw)
+    p = CachePolicy.uniform(2, bits, residual=residual, **kw)
     cache = CompressedKVCache(p, SHAPE)
     assert cache.nbytes == p.total_bytes(SHAPE) < CachePolicy.uniform(2, bits, **kw).total_bytes(SHAPE)
     total = 4 + 8 * 9 + 5
@@ -68,7 +70,7 @@ def test_u8_residual_stores_sinks_and_residual_as_8_bit_codes(bits):
     k, _ = cache.view(1)
 
     def u8(x):
-        return quant.dequantize_values(quant.quantize_values(x.numpy(), 8, 8), 8, 8, 16)
+        return quant.dequantize_values(quant.quantize_values(x.numpy(), 8, rg), 8, rg, 16)
     np.testing.assert_array_equal(k[:, :, :4].numpy(), u8(kv[:, :, :4]))
     np.testing.assert_array_equal(k[:, :, -5:].numpy(), u8(kv[:, :, -5:]))
     assert 0 < (k[:, :, -5:] - kv[:, :, -5:]).abs().max() < 0.02  # 8-bit steps of a ~6-wide range

@@ -31,7 +31,7 @@ def test_16_bit_without_eviction_reproduces_model_logits(tiny_model):
 
 @pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
 @pytest.mark.parametrize("positions", ["cache", "original"])
-@pytest.mark.parametrize("residual", ["fp16", "u8"])
+@pytest.mark.parametrize("residual", ["fp16", "u8", "u8h"])
 def test_chunked_equals_token_by_token(tiny_model, bits, positions, residual):
     """The equivalence perplexity evaluation relies on, with eviction happening."""
     ids = torch.randint(0, 256, (1, 77), generator=torch.Generator().manual_seed(bits))

@@ -7,7 +7,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 pytest.importorskip("torch")
 
-from edgekv.policy import CachePolicy, KVShape  # noqa: E402
+from edgekv.policy import CachePolicy, KVShape, residual_suffix  # noqa: E402
 from edgekv.tvm_kernels.build import build_attention  # noqa: E402
 from edgekv.tvm_kernels.targets import host_target  # noqa: E402
 from tvm_cases import kernel_case  # noqa: E402
@@ -105,15 +105,17 @@ def test_u8_metadata_matches_reference(bits_k, bits_v, rotation):
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
 
 
-@pytest.mark.parametrize("bits_k,bits_v,rotation,meta", [(3, 3, "none", "fp16"), (2, 4, "hadamard", "u8"),
-                                                         (16, 3, "none", "u8"), (4, 16, "hadamard", "fp16")])
-def test_u8_residual_matches_reference(bits_k, bits_v, rotation, meta):
-    """policy.residual = u8: sinks and residual are 8-bit codes with an fp16 scale/zero per
-    group, dequantized where fp16 is widened; the reference ring blocks were quantized from
-    the dequantized residual. Sink phase, residual, wrapped ring, and a prefill chunk."""
+@pytest.mark.parametrize("bits_k,bits_v,rotation,meta,residual", [
+    (3, 3, "none", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8"), (16, 3, "none", "u8", "u8"),
+    (4, 16, "hadamard", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8h")])
+def test_u8_residual_matches_reference(bits_k, bits_v, rotation, meta, residual):
+    """policy.residual = u8/u8h: sinks and residual are 8-bit codes with an fp16 scale/zero
+    per group (or per head), dequantized where fp16 is widened; the reference ring blocks
+    were quantized from the dequantized residual. Sink phase, residual, wrapped ring, and a
+    prefill chunk."""
     pol = CachePolicy.uniform(1, bits_k=bits_k, bits_v=bits_v, sinks=S, window=W, block=B, group=16,
-                              rotation=rotation, meta=meta, residual="u8")
+                              rotation=rotation, meta=meta, residual=residual)
     for fill, chunk in ((2, 1), (S + 5, 1), (S + B - 1, 1), (S + 9 * B + 7, 1), (S + 9 * B, 8)):
         params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=chunk, seed=fill)
-        assert params.residual == "u8" and params.key.endswith("_r8")
+        assert params.residual == residual and params.key.endswith(residual_suffix(residual))
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")

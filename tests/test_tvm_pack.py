@@ -7,6 +7,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from edgekv import quant  # noqa: E402
+from edgekv.policy import plain_group  # noqa: E402
 from edgekv.tvm_kernels.build import build_pack  # noqa: E402
 from edgekv.tvm_kernels.params import PackParams  # noqa: E402
 from edgekv.tvm_kernels.targets import host_target  # noqa: E402
@@ -27,11 +28,12 @@ def _residual(x: np.ndarray, p: PackParams) -> tuple[list[np.ndarray], np.ndarra
     (edgekv.reference.cache quantizes ring blocks from those)."""
     if p.residual == "fp16":
         return [x], x.astype(np.float32)
-    q = quant.quantize_values(x, 8, p.group)
-    return list(q[:3]), quant.dequantize_values(q, 8, p.group, p.head_dim)
+    g = plain_group(p.residual, p.group, p.head_dim)
+    q = quant.quantize_values(x, 8, g)
+    return list(q[:3]), quant.dequantize_values(q, 8, g, p.head_dim)
 
 
-@pytest.mark.parametrize("residual", ["fp16", "u8"])
+@pytest.mark.parametrize("residual", ["fp16", "u8", "u8h"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("side", ["k", "v"])
 def test_pack_bit_exact(bits, side, residual):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from edgekv.policy import plain_names
+from edgekv.policy import plain_group, plain_names
 from edgekv.tvm_kernels.params import PackParams
 
 F32, F16, U8 = "float32", "float16", "uint8"
@@ -25,13 +25,14 @@ F32, F16, U8 = "float32", "float16", "uint8"
 
 def plain_input(name: str, shape: tuple, group: int, residual: str):
     """Placeholders of a sink/residual buffer [..., D] (CachePolicy.plain_tensors) and a
-    loader of its element at an index as fp32: the fp16 value, or with residual "u8"
-    code * scale + zero of the channel's group. An 8-bit code times an fp16 scale is exact
+    loader of its element at an index as fp32: the fp16 value, or with an 8-bit residual
+    code * scale + zero of the channel's group (`group`, or the head with "u8h"). An 8-bit code times an fp16 scale is exact
     in fp32, so a fused multiply-add rounds to the reference's value too."""
     names = plain_names(name, residual)
     if residual == "fp16":
         x = te.placeholder(shape, F16, name=name)
         return [x], lambda *ix: x[ix].astype(F32)
+    group = plain_group(residual, group, shape[-1])
     x = te.placeholder(shape, U8, name=name)
     sc, z = (te.placeholder((*shape[:-1], shape[-1] // group), F16, name=n) for n in names[1:])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgekv.packing import PACKED_BITS
-from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names
+from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names, plain_group, residual_suffix
 
 PACK_BITS = PACKED_BITS
 ATTN_BITS = SUPPORTED_BITS  # 16: an fp16 ring
@@ -29,12 +29,6 @@ def group_suffix(group: int, group_v: int) -> str:
     """Appended to kernel keys and names when ring values group otherwise than the
     sinks/residual (policy.groups_v); empty otherwise, so those names never change."""
     return "" if group_v == group else f"_gv{group_v}"
-
-
-def residual_suffix(residual: str) -> str:
-    """Appended to kernel keys and library names: a kernel built for one sink/residual
-    format must never be called on the other's buffers."""
-    return "_r8" if residual == "u8" else ""
 
 
 @dataclass(frozen=True)
@@ -133,7 +127,8 @@ class AttnParams:
         """Bytes of cache one call reads with `ring_tokens` valid ring tokens (default all)."""
         h, d, b = self.num_kv_heads, self.head_dim, self.block
         w = self.slots * b if ring_tokens is None else ring_tokens
-        per_token = d * 2 if self.residual == "fp16" else d + (d // self.group) * 4  # bytes per head
+        per_token = d * 2 if self.residual == "fp16" else \
+            d + (d // plain_group(self.residual, self.group, d)) * 4  # bytes per head
         plain = (self.sinks + b) * h * per_token * 2
         sz = 2 if self.meta == "u8" else 4  # scale + zero bytes per group
         blk = (w // b) * h * 6 if self.meta == "u8" else 0  # per-block meta

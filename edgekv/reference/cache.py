@@ -2,7 +2,7 @@
 
 Layout per layer (batch N, KV heads H, head_dim D), as `CachePolicy.layer_tensors` lists:
 sinks [N,H,S,D] and residual [N,H,B,D] in fp16 (or 8-bit codes per token with a scale and
-zero per group, policy.residual "u8"), and a ring of W/B blocks: keys packed per
+zero per group, policy.residual "u8", or per KV head, "u8h"), and a ring of W/B blocks: keys packed per
 channel over each block, values packed per token in groups of G (or fp16 at 16 bits).
 Keys are stored pre-RoPE; `view` returns them with the positions RoPE must use.
 
@@ -91,12 +91,13 @@ class CompressedKVCache:
     # ---- the sinks and the residual (fp16, or 8-bit per token) ------------------------
     def read_back(self, x: torch.Tensor) -> torch.Tensor:
         """New K/V [N,H,T,D] as attention reads them once stored in the sinks or the
-        residual: fp16-rounded, and with residual "u8" through 8-bit codes (`append` must
+        residual: fp16-rounded, and with an 8-bit residual through its codes (`append` must
         then be given the fp16-rounded tensor, which it quantizes to the same codes)."""
         x = x.to(torch.float16).float()
         if self.policy.residual == "fp16":
             return x
-        g, d = self.policy.group, x.shape[-1]
+        d = x.shape[-1]
+        g = self.policy.residual_group(d)
         return qt.dequantize_values(*qt.quantize_values(x, 8, g), 8, g, d)
 
     def plain(self, layer: int, name: str, n: int) -> torch.Tensor:
@@ -106,15 +107,15 @@ class CompressedKVCache:
         if self.policy.residual == "fp16":
             return c[name][:, :, :n].float()
         return qt.dequantize_values(c[name][:, :, :n], c[f"{name}_scale"][:, :, :n], c[f"{name}_zero"][:, :, :n],
-                                    8, self.policy.group, self.shape.head_dim)
+                                    8, self.policy.residual_group(self.shape.head_dim), self.shape.head_dim)
 
     def _write_plain(self, layer: int, name: str, at: int, x: torch.Tensor) -> None:
         c, t = self.layers[layer], x.shape[2]
         if self.policy.residual == "fp16":
             c[name][:, :, at:at + t] = x.to(torch.float16)
             return
-        for suffix, part in zip(("", "_scale", "_zero"), qt.quantize_values(x.to(torch.float16).float(), 8,
-                                                                              self.policy.group)):
+        g = self.policy.residual_group(self.shape.head_dim)
+        for suffix, part in zip(("", "_scale", "_zero"), qt.quantize_values(x.to(torch.float16).float(), 8, g)):
             c[f"{name}{suffix}"][:, :, at:at + t] = part
 
     # ---- reading -----------------------------------------------------------------------
