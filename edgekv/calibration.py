@@ -239,7 +239,8 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
                 v_loss[w, c, coarse_group] = 0.0
             continue
         kq = k.clone()
-        kq[:, sl] = unrotate(qt.fake_quantize_keys(k_rot, w, policy.meta, c, fb).reshape(-1, nblk * policy.block, d))
+        kq[:, sl] = unrotate(qt.fake_quantize_keys(k_rot, w, policy.meta, c, fb, heads=-4)
+                             .reshape(-1, nblk * policy.block, d))
         s_q = torch.where(full, s_f, attend(kq))
         o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
         k_loss[w, c] = float(norm * (g2 * (o - o_f) ** 2).sum())

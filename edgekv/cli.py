@@ -181,7 +181,7 @@ def _add_policy_args(p) -> None:
                         "uniform 3-bit: +1.42 %% -> +0.40 %% perplexity; decode within 8 %% of "
                         "unrotated: ring keys are un-rotated by a D x D matmul per step); none: "
                         "no rotation")
-    p.add_argument("--meta", choices=["u8", "fp16"], default="u8",
+    p.add_argument("--meta", choices=["u8", "u8s", "fp16"], default="u8",
                    help="scale/zero storage: u8, 8-bit codes per group plus 6 bytes per block and "
                         "head (0.52 bits per element); fp16 per group (1 bit per element at block = "
                         "group = 32). On SmolLM2 u8 costs 4-12 %% KL at equal code widths and wins "

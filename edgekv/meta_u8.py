@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-META_FORMATS = ("fp16", "u8")
+# "u8s": the same codes, with (lo, dz, top) shared by all KV heads of a block (stored once
+# per block, [..., 1, 3]): 4 fewer fp16 numbers per block and side at 3 KV heads
+META_FORMATS = ("fp16", "u8", "u8s")
 # Bundles store codes, not these constants: changing SCALE_STEPS or the encoding is a new
 # format and needs a new name in META_FORMATS, or "u8" bundles would decode wrongly.
 SCALE_STEPS = 32  # scale codes per octave: 2.2 % steps over a 2**8 range per block
@@ -34,17 +36,29 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
-def encode(mn: np.ndarray, mx: np.ndarray, bits: int, axes: tuple[int, ...]
+def is_u8(meta: str) -> bool:
+    """Whether scale/zero are 8-bit codes with per-block meta ("u8", or "u8s" shared by heads)."""
+    return meta in ("u8", "u8s")
+
+
+def meta_axes(axes: tuple[int, ...], shared_axis: int | None) -> tuple[int, ...]:
+    """The axes one block's meta spans: its groups' `axes`, plus the KV-head axis with "u8s"."""
+    return axes if shared_axis is None else (shared_axis, *axes)
+
+
+def encode(mn: np.ndarray, mx: np.ndarray, bits: int, axes: tuple[int, ...], shared_axis: int | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Group ranges [mn, mx] (float32, the block's groups along `axes`) -> (scale codes
-    uint8, zero codes uint8, meta float16 [..., 3] with `axes` reduced away)."""
+    """Group ranges [mn, mx] (float32, the block's groups along trailing `axes`) -> (scale
+    codes uint8, zero codes uint8, meta float16 [..., 3] with `axes` reduced away).
+    `shared_axis` ("u8s": the KV-head axis): one meta for all of it, kept there as size 1."""
     mn, mx = np.asarray(mn, F32), np.asarray(mx, F32)
     levels = F32((1 << bits) - 1)
-    lo = _f16(mn.min(axis=axes, keepdims=True))
-    dz = _f16((mn.max(axis=axes, keepdims=True) - lo) / F32(255))
+    span = meta_axes(axes, shared_axis)
+    lo = _f16(mn.min(axis=span, keepdims=True))
+    dz = _f16((mn.max(axis=span, keepdims=True) - lo) / F32(255))
     zc = np.clip(np.where(dz > 0, np.floor((mn - lo) / np.where(dz > 0, dz, F32(1))), F32(0)), 0, 255)
     need = (mx - (lo + zc * dz)) / levels
-    top = _f16(need.max(axis=axes, keepdims=True) * F32(1 + 2**-10))  # fp16 must not round below
+    top = _f16(need.max(axis=span, keepdims=True) * F32(1 + 2**-10))  # fp16 must not round below
     reach = (top[..., None] * SCALE_TABLE) >= need[..., None]
     sc = np.clip(reach.sum(axis=-1) - 1, 0, 255)
     meta = np.stack([a.squeeze(axis=axes) for a in (lo, dz, top)], axis=-1)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from edgekv.errors import PolicyError
 from edgekv.key_feedback import KeyFeedback
-from edgekv.meta_u8 import META_FIELDS, META_FORMATS
+from edgekv.meta_u8 import META_FIELDS, META_FORMATS, is_u8
 from edgekv.packing import PACKED_BITS
 
 SUPPORTED_BITS = (*PACKED_BITS, 16)  # 16: the ring stays fp16
@@ -45,7 +45,7 @@ def plain_names(name: str, residual: str) -> list[str]:
 
 def quantized_parts(meta: str) -> tuple[str, ...]:
     """What a quantized ring side stores: codes, scale, zero, and per block meta with "u8"."""
-    return ("codes", "scale", "zero", "meta") if meta == "u8" else ("codes", "scale", "zero")
+    return ("codes", "scale", "zero", "meta") if is_u8(meta) else ("codes", "scale", "zero")
 
 
 def packed_prefix(policy: "CachePolicy", side: str, bits: int, group: int | None = None) -> str:
@@ -95,8 +95,8 @@ class CachePolicy:
     rotation of quantized ring blocks ("hadamard": K and V are multiplied by an orthonormal
     Hadamard matrix along head_dim before quantizing and un-rotated when read; sinks, the
     residual and 16-bit layers are never rotated), and the scale/zero storage ("fp16" per
-    group, or "u8": 8-bit codes per group plus three fp16 numbers per block and head,
-    edgekv.meta_u8), and `clip`: (side "k"/"v", width, ratio) entries that narrow each
+    group, or "u8": 8-bit codes per group plus three fp16 numbers per block and head, or
+    "u8s": those three shared by the block's KV heads, edgekv.meta_u8), and `clip`: (side "k"/"v", width, ratio) entries that narrow each
     group's quantization range to `ratio` of its span (edgekv.clipping; absent: 1), and
     `key_feedback`: per-layer step matrices that round keys query-aware instead of to the
     nearest code (edgekv.key_feedback; None: nearest), and `residual`: how the sinks and
@@ -235,7 +235,8 @@ class CachePolicy:
         nblk = w // b
         bk, bv = self.bits_k[layer], self.bits_v[layer]
         pre = (batch, h)
-        md = "uint8" if self.meta == "u8" else "float16"
+        md = "uint8" if is_u8(self.meta) else "float16"
+        meta_shape = (batch, 1 if self.meta == "u8s" else h, nblk, META_FIELDS)  # u8s: one per block
         t = [spec for part, n in (("sink", self.sinks), ("residual", b)) for side in "kv"
              for spec in self.plain_tensors(f"{part}_{side}", (*pre, n, d))]
         if bk == 16:
@@ -244,16 +245,16 @@ class CachePolicy:
             t += [TensorSpec("ring_k_codes", (*pre, nblk, d, b * bk // 8), "uint8"),
                   TensorSpec("ring_k_scale", (*pre, nblk, d), md),
                   TensorSpec("ring_k_zero", (*pre, nblk, d), md)]
-            if self.meta == "u8":
-                t.append(TensorSpec("ring_k_meta", (*pre, nblk, META_FIELDS), "float16"))
+            if is_u8(self.meta):
+                t.append(TensorSpec("ring_k_meta", meta_shape, "float16"))
         if bv == 16:
             t.append(TensorSpec("ring_v", (*pre, w, d), "float16"))
         else:
             t += [TensorSpec("ring_v_codes", (*pre, w, d * bv // 8), "uint8"),
                   TensorSpec("ring_v_scale", (*pre, w, d // g), md),
                   TensorSpec("ring_v_zero", (*pre, w, d // g), md)]
-            if self.meta == "u8":
-                t.append(TensorSpec("ring_v_meta", (*pre, nblk, META_FIELDS), "float16"))
+            if is_u8(self.meta):
+                t.append(TensorSpec("ring_v_meta", meta_shape, "float16"))
         return t
 
     def residual_group(self, head_dim: int) -> int:
@@ -275,7 +276,7 @@ class CachePolicy:
         """Scale/zero bits per ring element when `group` elements share them (value
         channels, or a key channel's block of tokens); the per-block meta of "u8" is not
         included: it does not depend on the group."""
-        return (16 if self.meta == "u8" else 32) / group
+        return (16 if is_u8(self.meta) else 32) / group
 
     def coarse_value_group(self, head_dim: int) -> int | None:
         """The value group calibration may choose instead of `group` (twice as many
@@ -301,7 +302,8 @@ class CachePolicy:
     def ring_bytes_per_token(self, shape: KVShape) -> float:
         """Marginal bytes one more window token costs across all layers, metadata included."""
         h, d = shape.num_kv_heads, shape.head_dim
-        per_block = 2 * META_FIELDS if self.meta == "u8" else 0  # bytes per block and head
+        # meta bytes per block and head ("u8s": one set per block for all heads)
+        per_block = 0 if not is_u8(self.meta) else 2 * META_FIELDS / (h if self.meta == "u8s" else 1)
         total = 0.0
         for i, (bk, bv) in enumerate(zip(self.bits_k, self.bits_v)):
             for bits, group in ((bk, self.block), (bv, self.value_group(i))):

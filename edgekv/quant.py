@@ -34,10 +34,11 @@ class Quantized(NamedTuple):
 
 def _groups(mn: np.ndarray, mx: np.ndarray, bits: int, meta: str, axes: tuple[int, ...], clip: float = 1.0):
     """(stored scale, stored zero, block meta or None, scale and zero as float32) for groups
-    ranging over [mn, mx], narrowed to `clip` of their span (edgekv.clipping)."""
+    ranging over [mn, mx], narrowed to `clip` of their span (edgekv.clipping). With "u8s"
+    the KV heads are the axis before `axes` ([..., H, B, D] blocks)."""
     mn, mx = clipped_range(mn, mx, clip)
-    if meta == "u8":
-        sc, zc, m = meta_u8.encode(mn, mx, bits, axes)
+    if meta_u8.is_u8(meta):
+        sc, zc, m = meta_u8.encode(mn, mx, bits, axes, min(axes) - 1 if meta == "u8s" else None)
         return (sc, zc, m, *meta_u8.decode(sc, zc, m, axes))
     if meta != "fp16":
         raise ValueError(f"metadata format must be one of {meta_u8.META_FORMATS}, got {meta!r}")

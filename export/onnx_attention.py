@@ -13,6 +13,7 @@ from edgekv.export.onnx_ops import (
     DOMAIN, F32, OPSET, Emitter, _decode_u8, _hadamard, _suffix, unpack_last, unpack_rows,
 )
 from edgekv.export.onnx_plain import read_plain
+from edgekv.meta_u8 import is_u8
 from edgekv.policy import layer_buffer_names, plain_group, plain_names, residual_suffix
 
 PLAIN = ("sink_k", "sink_v", "residual_k", "residual_v")
@@ -50,7 +51,7 @@ def _ring_keys(e: Emitter, bits: int, head_dim: int, meta: str = "fp16") -> str:
         return e.op("Reshape", e.op("Cast", "ring_k", to=F32), e.i64(0, 0, -1, head_dim))
     codes = unpack_rows(e, "ring_k_codes", bits)
     axis = e.i64(-2)
-    if meta == "u8":  # scale/zero codes [1,H,nblk,D], meta [1,H,nblk,3]
+    if is_u8(meta):  # scale/zero codes [1,H,nblk,D], meta [1,H,nblk,3] ([1,1,nblk,3] with u8s)
         scale, zero = _decode_u8(e, "ring_k_scale", "ring_k_zero", "ring_k_meta")
     else:
         scale, zero = e.op("Cast", "ring_k_scale", to=F32), e.op("Cast", "ring_k_zero", to=F32)
@@ -66,7 +67,7 @@ def _ring_values(e: Emitter, bits: int, head_dim: int, group: int, block: int = 
     codes = unpack_last(e, "ring_v_codes", bits)
     codes = e.op("Reshape", codes, e.i64(0, 0, 0, head_dim // group, group))
     axis = e.i64(-1)
-    if meta == "u8":  # codes per token [1,H,W,D/G]; meta per block [1,H,nblk,3]
+    if is_u8(meta):  # codes per token [1,H,W,D/G]; meta per block [1,H or 1,nblk,3]
         per_block = e.i64(0, 0, -1, block, head_dim // group)
         scale, zero = _decode_u8(e, e.op("Reshape", "ring_v_scale", per_block),
                                  e.op("Reshape", "ring_v_zero", per_block),

@@ -18,6 +18,7 @@ from edgekv.export.onnx_ops import (
     DOMAIN, F16, U8, Emitter, opset_imports, quantize_keys_function, quantize_values_function,
 )
 from edgekv.export.onnx_plain import plain_types, read_plain
+from edgekv.meta_u8 import is_u8
 from edgekv.policy import META_FIELDS, CachePolicy, KVShape, packed_prefix, plain_names, quantized_parts
 
 IR_VERSION = 9  # what onnxruntime >= 1.15 reads; nothing here needs more
@@ -41,6 +42,7 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     (of the Hadamard-rotated block when policy.rotation says so)."""
     policy.check_shape(shape)
     h, d, blk = shape.num_kv_heads, shape.head_dim, policy.block
+    hm = 1 if policy.meta == "u8s" else h  # heads with their own block meta
     kbits, vouts = pack_outputs(policy)
     e = Emitter()
     outputs, functions = [], []
@@ -57,14 +59,14 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
         for b, gv in widths:
             if side == "k":
                 fn = quantize_keys_function(b, rotate_dim, policy.meta, policy.clip_ratio(side, b), feedback_dim)
-                shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d], [1, h, META_FIELDS])
+                shapes = ([1, h, d, blk * b // 8], [1, h, d], [1, h, d], [1, hm, META_FIELDS])
             else:
                 fn = quantize_values_function(b, gv, rotate_dim, policy.meta, policy.clip_ratio(side, b))
-                shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // gv], [1, h, blk, d // gv], [1, h, META_FIELDS])
+                shapes = ([1, h, blk, d * b // 8], [1, h, blk, d // gv], [1, h, blk, d // gv], [1, hm, META_FIELDS])
             functions.append(fn)
             parts = quantized_parts(policy.meta)
             names = [f"{packed_prefix(policy, side, b, gv)}_{part}" for part in parts]
-            md = U8 if policy.meta == "u8" else F16
+            md = U8 if is_u8(policy.meta) else F16
             infos = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(names, (U8, md, md, F16), shapes)]
             args = [x[side], "f"] if side == "k" and feedback_dim else [x[side]]
             if side == "k" and gated:

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from edgekv.meta_u8 import is_u8
 from edgekv.policy import CachePolicy, KVShape, packed_prefix, plain_names, quantized_parts
 from edgekv.quant import Quantized, dequantize_values
 
@@ -210,5 +211,5 @@ class CacheState:
             v = packed_prefix(p, "v", bv, p.value_group(layer))
             for part in ("codes", "scale", "zero"):
                 buf[f"{pre}ring_v_{part}"][:, :, toks] = packed[f"{v}_{part}"]
-            if p.meta == "u8":  # one set per block, so it sits at the block's slot
+            if is_u8(p.meta):  # one set per block, so it sits at the block's slot
                 buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"{v}_meta"]

@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from edgekv.export.onnx_graph import build_decoder, cache_inputs
 from edgekv.export.onnx_pack import build_pack
+from edgekv.meta_u8 import is_u8
 from edgekv.policy import CachePolicy, KVShape, packed_prefix, quantized_parts
 from edgekv.reference.model import kv_shape
 from edgekv.runtime.cache_state import plain_float
@@ -131,7 +132,7 @@ class OnnxDriver:
         else:
             for n in ("codes", "scale", "zero"):
                 buf[f"{pre}ring_v_{n}"][:, :, toks] = packed[f"{packed_prefix(p, 'v', bv, p.value_group(layer))}_{n}"]
-            if p.meta == "u8":
+            if is_u8(p.meta):
                 buf[f"{pre}ring_v_meta"][:, :, slot] = packed[f"{packed_prefix(p, 'v', bv, p.value_group(layer))}_meta"]
 
     def _commit(self, t: int) -> None:

@@ -28,7 +28,7 @@ def _run(bundle, backend, prompt, n):
 @pytest.mark.parametrize("bits,rotation,meta,residual", [
     (((4, 8), (2, 16)), "none", "fp16", "fp16"), (((5, 1), (1, 6)), "none", "fp16", "fp16"),
     (((3, 16), (2, 4)), "hadamard", "fp16", "fp16"), (((3, 16), (2, 4)), "hadamard", "u8", "fp16"),
-    (((3, 16), (2, 4)), "hadamard", "u8", "u8"), (((3, 16), (2, 4)), "hadamard", "u8", "u8h")])
+    (((3, 16), (2, 4)), "hadamard", "u8", "u8"), (((3, 16), (2, 4)), "hadamard", "u8s", "u8h")])
 def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits, rotation, meta, residual):
     """30-token prompt + 60 tokens through a 32-token window: decode steps fill sinks and
     the residual, and attend over a ring that wraps (mixed 1/2/3/4/8/16-bit layers, with and

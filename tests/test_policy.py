@@ -132,6 +132,24 @@ def test_per_head_residual_bytes_by_hand():
     assert "residual=u8h" in per_head.describe()
 
 
+def test_shared_meta_bytes_by_hand():
+    """meta "u8s": the 3 fp16 numbers per block are stored once per block and side, not
+    per KV head; codes and 8-bit scale/zero are as "u8". With u8h sinks/residual the
+    3-bit cache at W1024 is within the issue's 0.23x of fp16."""
+    kw = dict(window=1024, sinks=4, block=32, group=32, residual="u8h")
+    h, blocks = 3, 1024 // 32
+    shared, per_head = (CachePolicy.uniform(30, 3, meta=m, **kw) for m in ("u8s", "u8"))
+    assert per_head.layer_bytes(SHAPE, 0) - shared.layer_bytes(SHAPE, 0) == 2 * blocks * (h - 1) * 3 * 2
+    names = {t.name: t.shape for t in shared.layer_tensors(SHAPE, 0)}
+    assert names["ring_k_meta"] == names["ring_v_meta"] == (1, 1, blocks, 3)
+    assert shared.ring_bytes_per_token(SHAPE) == pytest.approx(
+        per_head.ring_bytes_per_token(SHAPE) - 30 * 2 * (h - 1) * 6 / 32)
+    # 188,736 bytes per layer with u8/u8: 864 fewer for u8h, 768 fewer for u8s
+    assert shared.total_bytes(SHAPE) == 30 * (188736 - 864 - 768)
+    assert shared.fp16_ratio(SHAPE) == pytest.approx(187104 / 814080) and shared.fp16_ratio(SHAPE) <= 0.23
+    assert "meta=u8s" in shared.describe()
+
+
 def test_value_groups_are_validated_normalized_and_counted():
     kw = dict(window=1024, sinks=4, block=32, meta="u8", residual="u8")
     assert CachePolicy.uniform(30, 3, groups_v=(32,) * 30, **kw) == CachePolicy.uniform(30, 3, **kw)

@@ -98,6 +98,40 @@ def test_u8_metadata_covers_every_group_and_torch_matches(bits):
     np.testing.assert_array_equal(fake, quant.dequantize_values(v, bits, 32, 64))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_shared_meta_is_one_per_block_and_torch_matches(bits):
+    """meta "u8s": the same 8-bit codes with one (lo, dz, top) per block for all KV heads
+    (stored [..., 1, 3]): the grid still covers every group, numpy and torch store the same
+    bytes, calibration's fake quantizers (heads on another axis) read back what is stored,
+    and with a single KV head it is "u8" exactly."""
+    from edgekv import meta_u8
+
+    x = _data((2, 3, 32, 64), 20 + bits)
+    q = quant.quantize_keys(x, bits, "u8s")
+    assert q.meta.shape == (2, 1, 3)
+    scale, zero = meta_u8.decode(q.scale, q.zero, q.meta, (-1,))
+    mn, mx = x.min(-2), x.max(-2)
+    lo_slack = 2.0**-11 * np.abs(mn).max((-2, -1), keepdims=True)
+    assert np.all(zero <= mn + lo_slack) and np.all(zero + ((1 << bits) - 1) * scale >= mx - 1e-6)
+    back = quant.dequantize_keys(q, bits, 32)
+    assert np.all(np.abs(back - x) <= scale[..., None, :] / 2 + lo_slack[..., None] + 1e-6)
+    for got, want in zip(qt.quantize_keys(torch.from_numpy(x), bits, "u8s"), q):
+        np.testing.assert_array_equal(got.numpy(), want)
+    v = quant.quantize_values(x, bits, 32, "u8s")
+    assert v.meta.shape == (2, 1, 3)
+    for got, want in zip(qt.quantize_values(torch.from_numpy(x), bits, 32, "u8s"), v):
+        np.testing.assert_array_equal(got.numpy(), want)
+    heads_first = torch.from_numpy(x).transpose(0, 1)  # calibration's [H, blocks, B, D]
+    fake_k = qt.fake_quantize_keys(heads_first, bits, "u8s", heads=-4).transpose(0, 1).numpy()
+    np.testing.assert_array_equal(fake_k, back)
+    fake_v = qt.fake_quantize_values(heads_first.reshape(3, 64, 64), bits, 32, "u8s", 32)
+    np.testing.assert_array_equal(fake_v.reshape(3, 2, 32, 64).transpose(0, 1).numpy(),
+                                  quant.dequantize_values(v, bits, 32, 64))
+    one = x[:, :1]
+    for a, b in zip(quant.quantize_keys(one, bits, "u8s"), quant.quantize_keys(one, bits, "u8")):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_u8_metadata_costs_little_against_fp16():
     """Mean squared error of 8-bit against fp16 metadata on outlier-channel keys: within 10 %."""
     x = _data((4, 3, 32, 64), 3)

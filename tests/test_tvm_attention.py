@@ -78,7 +78,7 @@ def test_rotated_cache_matches_reference(bits_k, bits_v):
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")
 
 
-@pytest.mark.parametrize("bits_k,bits_v,meta", [(3, 3, "fp16"), (2, 4, "u8")])
+@pytest.mark.parametrize("bits_k,bits_v,meta", [(3, 3, "fp16"), (2, 4, "u8"), (3, 2, "u8s")])
 def test_dense_rotation_matches_reference(bits_k, bits_v, meta):
     """The GPU form of the un-rotation (one D-wide reduction with the Sylvester sign from the
     indices instead of butterfly stages), compiled here as plain host loops."""
@@ -107,7 +107,7 @@ def test_u8_metadata_matches_reference(bits_k, bits_v, rotation):
 
 @pytest.mark.parametrize("bits_k,bits_v,rotation,meta,residual", [
     (3, 3, "none", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8"), (16, 3, "none", "u8", "u8"),
-    (4, 16, "hadamard", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8h")])
+    (4, 16, "hadamard", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8h"), (3, 2, "hadamard", "u8s", "u8h")])
 def test_u8_residual_matches_reference(bits_k, bits_v, rotation, meta, residual):
     """policy.residual = u8/u8h: sinks and residual are 8-bit codes with an fp16 scale/zero
     per group (or per head), dequantized where fp16 is widened; the reference ring blocks

@@ -28,7 +28,7 @@ def _feedback():
 @pytest.mark.parametrize("meta,feedback,bits,residual", [
     ("fp16", False, ((4, 8), (2, 16)), "fp16"), ("u8", False, ((1, 5), (6, 1)), "fp16"),
     ("u8", True, ((4, 8), (2, 16)), "fp16"), ("u8", False, ((3, 16), (2, 4)), "u8"),
-    ("u8", False, ((3, 16), (2, 4)), "u8h")])
+    ("u8s", False, ((3, 16), (2, 4)), "u8h")])
 def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta, feedback, bits, residual):
     """30-token prompt + 40 tokens through a 32-token window: prefill chunks, padded
     prefill, decode, packing (1/2/4/8-bit layers and fp16 ring parts) and eviction all run

@@ -10,7 +10,7 @@ Inputs (batch 1, the buffers exactly as CachePolicy.layer_tensors lists them):
   ring values: codes [1,H,N*B,D*bv/8] u8 + scale/zero [1,H,N*B,D/Gv] f16 (Gv: p.group_v)
   (or ring_v f16);
   with 8-bit metadata (p.meta "u8") scale/zero are u8 codes and each side adds its
-  per-block meta [1,H,N,3] f16 (edgekv.meta_u8);
+  per-block meta [1,H,N,3] f16 (edgekv.meta_u8; [1,1,N,3] shared by the heads with "u8s");
   RoPE tables (rope.py): sink_cos/sin [S,D/2]; blk_cos/sin [N+1,D/2], the angle of each
   ring block's first token and (row N) the residual's; off_cos/sin [D/2,B], the angle of
   offset t inside a block;
@@ -32,6 +32,7 @@ import math
 
 from tvm import te, tirx
 
+from edgekv.meta_u8 import is_u8
 from edgekv.tvm_kernels.pack import plain_input
 from edgekv.tvm_kernels.params import AttnParams
 
@@ -135,7 +136,8 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         plain_input(f"{part}_{side}", (1, h, t, d), g, p.residual) for part, t in (("sink", s), ("residual", b))
         for side in "kv")
     unrotate = _unrotate_dense if dense_rotation else _unrotate
-    u8 = p.meta == "u8"
+    u8 = is_u8(p.meta)
+    hm = 1 if p.meta == "u8s" else h  # heads with their own block meta
     md = U8 if u8 else F16
     if bk == 16:
         ring_k = [te.placeholder((1, h, n, b, d), F16, name="ring_k")]
@@ -144,7 +146,7 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
                   te.placeholder((1, h, n, d), md, name="ring_k_scale"),
                   te.placeholder((1, h, n, d), md, name="ring_k_zero")]
         if u8:
-            ring_k.append(te.placeholder((1, h, n, 3), F16, name="ring_k_meta"))
+            ring_k.append(te.placeholder((1, hm, n, 3), F16, name="ring_k_meta"))
     if bv == 16:
         ring_v = [te.placeholder((1, h, n * b, d), F16, name="ring_v")]
     else:
@@ -152,7 +154,7 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
                   te.placeholder((1, h, n * b, d // gv), md, name="ring_v_scale"),
                   te.placeholder((1, h, n * b, d // gv), md, name="ring_v_zero")]
         if u8:
-            ring_v.append(te.placeholder((1, h, n, 3), F16, name="ring_v_meta"))
+            ring_v.append(te.placeholder((1, hm, n, 3), F16, name="ring_v_meta"))
 
     def scale_zero(side, i, m, at):
         """(scale, zero) fp32 of group `at` of ring block m: fp16 as stored, or decoded from
@@ -162,7 +164,8 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         if not u8:
             return sc.astype(F32), z.astype(F32)
         meta = side[3]
-        top, lo, dz = (meta[0, i, m, f].astype(F32) for f in (2, 0, 1))
+        mi = 0 if hm == 1 else i  # "u8s": the block's heads share one meta
+        top, lo, dz = (meta[0, mi, m, f].astype(F32) for f in (2, 0, 1))
         return (top * tirx.exp2(sc.astype(F32) * tirx.const(-1.0 / 32, F32)),
                 lo + z.astype(F32) * dz)
     sink_cos = te.placeholder((s, d2), F32, name="sink_cos")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgekv.meta_u8 import META_FORMATS, is_u8
 from edgekv.packing import PACKED_BITS
 from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names, plain_group, residual_suffix
 
@@ -85,8 +86,8 @@ class AttnParams:
         _check_residual(self.residual)
         if self.group_v is None:
             object.__setattr__(self, "group_v", self.group)
-        if self.meta not in ("fp16", "u8"):
-            raise ValueError(f"meta must be 'fp16' or 'u8', got {self.meta!r}")
+        if self.meta not in META_FORMATS:
+            raise ValueError(f"meta must be one of {META_FORMATS}, got {self.meta!r}")
         if self.rotate and self.head_dim & (self.head_dim - 1):
             raise ValueError(f"the Hadamard rotation needs a power-of-two head_dim, got {self.head_dim}")
         if self.bits_k not in ATTN_BITS or self.bits_v not in ATTN_BITS:
@@ -111,7 +112,7 @@ class AttnParams:
         return (f"hq{self.num_heads}_hkv{self.num_kv_heads}_d{self.head_dim}_s{self.sinks}"
                 f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}"
                 + group_suffix(self.group, self.group_v) + ("_rot" if self.rotate else "")
-                + ("_m8" if self.meta == "u8" else "") + residual_suffix(self.residual))
+                + {"fp16": "", "u8": "_m8", "u8s": "_m8s"}[self.meta] + residual_suffix(self.residual))
 
     @property
     def cache_names(self) -> list[str]:
@@ -130,8 +131,8 @@ class AttnParams:
         per_token = d * 2 if self.residual == "fp16" else \
             d + (d // plain_group(self.residual, self.group, d)) * 4  # bytes per head
         plain = (self.sinks + b) * h * per_token * 2
-        sz = 2 if self.meta == "u8" else 4  # scale + zero bytes per group
-        blk = (w // b) * h * 6 if self.meta == "u8" else 0  # per-block meta
+        sz = 2 if is_u8(self.meta) else 4  # scale + zero bytes per group
+        blk = (w // b) * (1 if self.meta == "u8s" else h) * 6 if is_u8(self.meta) else 0  # per-block meta
         k = w * h * d * 2 if self.bits_k == 16 else w * h * d * self.bits_k // 8 + (w // b) * h * d * sz + blk
         v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group_v) * sz) + blk
         return plain + k + v

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from edgekv.meta_u8 import is_u8
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.reference import quant_torch as qt
 
@@ -214,7 +215,7 @@ class CompressedKVCache:
             q = qt.quantize_values(rv, bv, p.value_group(layer), p.meta, p.clip_ratio("v", bv))  # one block: its meta is per block
             for part, x in zip(("codes", "scale", "zero"), q):
                 c[f"ring_v_{part}"][:, :, toks] = x
-            if p.meta == "u8":
+            if is_u8(p.meta):
                 c["ring_v_meta"][:, :, slot] = q[3]
 
     def _grow(self, layer: int) -> None:

@@ -52,14 +52,16 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).float()
 
 
-def encode_u8(mn: torch.Tensor, mx: torch.Tensor, bits: int, axes: tuple[int, ...]):
+def encode_u8(mn: torch.Tensor, mx: torch.Tensor, bits: int, axes: tuple[int, ...],
+              shared_axis: int | None = None):
     """Twin of edgekv.meta_u8.encode: (scale codes u8, zero codes u8, meta f16 [..., 3])."""
     levels = float((1 << bits) - 1)
-    lo = _f16(mn.amin(axes, keepdim=True))
-    dz = _f16((mn.amax(axes, keepdim=True) - lo) / 255.0)
+    span = meta_u8.meta_axes(axes, shared_axis)
+    lo = _f16(mn.amin(span, keepdim=True))
+    dz = _f16((mn.amax(span, keepdim=True) - lo) / 255.0)
     zc = torch.where(dz > 0, torch.floor((mn - lo) / torch.where(dz > 0, dz, 1.0)), 0.0).clamp(0, 255)
     need = (mx - (lo + zc * dz)) / levels
-    top = _f16(need.amax(axes, keepdim=True) * (1 + 2**-10))
+    top = _f16(need.amax(span, keepdim=True) * (1 + 2**-10))
     table = torch.from_numpy(meta_u8.SCALE_TABLE)
     sc = ((top.unsqueeze(-1) * table) >= need.unsqueeze(-1)).sum(-1).sub(1).clamp(0, 255)
     meta = torch.stack([a.flatten(-len(axes))[..., 0] for a in (lo, dz, top)], -1)  # axes are trailing
@@ -74,11 +76,14 @@ def decode_u8(scale_code: torch.Tensor, zero_code: torch.Tensor, meta: torch.Ten
     return top * table[scale_code.long()], lo + zero_code.float() * dz
 
 
-def _groups(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta: str, axes: tuple[int, ...], clip: float = 1.0):
-    """(stored scale, stored zero, block meta or None, scale and zero as float32)."""
+def _groups(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta: str, axes: tuple[int, ...], clip: float = 1.0,
+            heads: int | None = None):
+    """(stored scale, stored zero, block meta or None, scale and zero as float32); `heads`:
+    the KV-head axis of mn that "u8s" shares meta over (default: the one before `axes`)."""
     mn, mx = clipped_range(mn, mx, clip)
-    if meta == "u8":
-        sc, zc, m = encode_u8(mn, mx, bits, axes)
+    if meta_u8.is_u8(meta):
+        shared = None if meta != "u8s" else (min(axes) - 1 if heads is None else heads)
+        sc, zc, m = encode_u8(mn, mx, bits, axes, shared)
         return (sc, zc, m, *decode_u8(sc, zc, m, axes))
     scale, zero = _scale_zero(mn, mx, bits)
     return scale, zero, None, scale.float(), zero.float()
@@ -101,7 +106,8 @@ def _key_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
 def quantize_keys(block: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0,
                   feedback: torch.Tensor | None = None):
     """[..., B, D] -> (codes [..., D, B*bits/8], scale [..., D], zero [..., D]), plus the
-    block's meta [..., 3] when meta is "u8"; `feedback`: [H, D, D] step matrices."""
+    block's meta [..., 3] ([..., 1, 3] with "u8s", blocks [..., H, B, D]); `feedback`:
+    [H, D, D] step matrices."""
     x = block.float()
     scale, zero, m, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,), clip)
     codes = pack(_key_codes(x, s.unsqueeze(-2), z.unsqueeze(-2), bits, feedback).transpose(-1, -2), bits)
@@ -117,7 +123,8 @@ def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 
 def quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16", clip: float = 1.0):
     """[..., T, D] -> (codes [..., T, D*bits/8], scale [..., T, D/G], zero [..., T, D/G]),
-    plus the block's meta [..., 3] (the T tokens are one block) when meta is "u8"."""
+    plus the block's meta [..., 3] (the T tokens are one block) with 8-bit metadata ("u8s":
+    [..., 1, 3], x [..., H, T, D])."""
     x = x.float()
     d = x.shape[-1]
     g = x.reshape(*x.shape[:-1], d // group, group)
@@ -135,11 +142,12 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 def fake_quantize_keys(x: torch.Tensor, bits: int, meta: str = "fp16", clip: float = 1.0,
-                       feedback: torch.Tensor | None = None) -> torch.Tensor:
+                       feedback: torch.Tensor | None = None, heads: int = -3) -> torch.Tensor:
     """dequantize(quantize(x)) for key blocks [..., B, D], without packing (packing is
-    lossless): what attention reads back for these keys. Calibration uses it."""
+    lossless): what attention reads back for these keys. Calibration uses it. `heads`: the
+    KV-head axis of x (negative), over which "u8s" shares a block's meta."""
     x = x.float()
-    *_, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,), clip)
+    *_, s, z = _groups(x.amin(-2), x.amax(-2), bits, meta, (-1,), clip, heads + 1)
     s, z = s.unsqueeze(-2), z.unsqueeze(-2)
     return _key_codes(x, s, z, bits, feedback).float() * s + z
 
@@ -147,11 +155,13 @@ def fake_quantize_keys(x: torch.Tensor, bits: int, meta: str = "fp16", clip: flo
 def fake_quantize_values(x: torch.Tensor, bits: int, group: int, meta: str = "fp16",
                          block: int | None = None, clip: float = 1.0) -> torch.Tensor:
     """dequantize(quantize(x)) for values [..., T, D] in groups of `group`, without packing.
-    With meta "u8", `block` tokens share a block's metadata (T a multiple of it)."""
+    With 8-bit metadata, `block` tokens share a block's metadata (T a multiple of it), and
+    with "u8s" so do the KV heads (x [..., H, T, D])."""
     x = x.float()
     shape, d = x.shape, x.shape[-1]
-    if meta == "u8":
+    blocked = meta_u8.is_u8(meta)
+    if blocked:
         x = x.reshape(*shape[:-2], shape[-2] // block, block, d)
     g = x.reshape(*x.shape[:-1], d // group, group)
-    *_, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1), clip)
+    *_, s, z = _groups(g.amin(-1), g.amax(-1), bits, meta, (-2, -1), clip, -4 if blocked else None)
     return (_codes(g, s.unsqueeze(-1), z.unsqueeze(-1), bits).float() * s.unsqueeze(-1) + z.unsqueeze(-1)).reshape(shape)
