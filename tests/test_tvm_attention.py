@@ -118,4 +118,6 @@ def test_u8_residual_matches_reference(bits_k, bits_v, rotation, meta, residual)
     for fill, chunk in ((2, 1), (S + 5, 1), (S + B - 1, 1), (S + 9 * B + 7, 1), (S + 9 * B, 8)):
         params, args, ref = kernel_case(pol, SHAPE, HEADS, fill, chunk=chunk, seed=fill)
         assert params.residual == residual and params.key.endswith(residual_suffix(residual))
+        cache_args = args[1:1 + len(params.cache_names)]
+        assert sum(a.nbytes for a in cache_args) == params.cache_bytes() == pol.layer_bytes(SHAPE, 0)
         np.testing.assert_allclose(_run(params, args), ref, atol=TOL, rtol=0, err_msg=f"fill {fill}")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgekv.meta_u8 import META_FORMATS, is_u8
+from edgekv.meta_u8 import META_FORMATS
 from edgekv.packing import PACKED_BITS
-from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names, plain_group, residual_suffix
+from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names, residual_suffix
 
 PACK_BITS = PACKED_BITS
 ATTN_BITS = SUPPORTED_BITS  # 16: an fp16 ring
@@ -124,18 +124,13 @@ class AttnParams:
         """Cache slots the kernel can read: sinks + ring + residual."""
         return self.sinks + self.slots * self.block + self.block
 
-    def cache_bytes(self, ring_tokens: int | None = None) -> int:
-        """Bytes of cache one call reads with `ring_tokens` valid ring tokens (default all)."""
-        h, d, b = self.num_kv_heads, self.head_dim, self.block
-        w = self.slots * b if ring_tokens is None else ring_tokens
-        per_token = d * 2 if self.residual == "fp16" else \
-            d + (d // plain_group(self.residual, self.group, d)) * 4  # bytes per head
-        plain = (self.sinks + b) * h * per_token * 2
-        sz = 2 if is_u8(self.meta) else 4  # scale + zero bytes per group
-        blk = (w // b) * (1 if self.meta == "u8s" else h) * 6 if is_u8(self.meta) else 0  # per-block meta
-        k = w * h * d * 2 if self.bits_k == 16 else w * h * d * self.bits_k // 8 + (w // b) * h * d * sz + blk
-        v = w * h * d * 2 if self.bits_v == 16 else w * h * (d * self.bits_v // 8 + (d // self.group_v) * sz) + blk
-        return plain + k + v
+    def cache_bytes(self) -> int:
+        """Bytes of the layer's cache the kernel reads: the policy's own count (one layer,
+        so the two never disagree about a format)."""
+        policy = CachePolicy(bits_k=(self.bits_k,), bits_v=(self.bits_v,), sinks=self.sinks,
+                             window=self.slots * self.block, block=self.block, group=self.group,
+                             meta=self.meta, residual=self.residual, groups_v=(self.group_v,))
+        return policy.layer_bytes(KVShape(1, self.num_kv_heads, self.head_dim), 0)
 
 
 def value_group(policy: CachePolicy, layer: int) -> int:
