@@ -1,0 +1,141 @@
+"""Where the sinks/residual bytes can and cannot be cut: the shipped cache against the same
+cache with its newest tokens (the residual) or sinks rounded more coarsely, on the reading
+side only.
+
+The sinks and the residual (the newest < B tokens, not yet quantized into a ring block)
+cost 0.019x of fp16 at W1024: 8 % of a 3-bit cache. This measures, for the shipped layout
+of each `--bits` (calibrated as `edgekv export` would), what attention loses when those
+tokens are read back as:
+
+    ringv      the residual's values at the layer's ring width (rotated, clipped, per-token
+               fp16 scale/zero): values need no block, so they could skip the residual
+    ringv+1    the same one width up
+    res6       sinks and residual at 6 bits per token (groups of G) instead of 8
+    res8g64    8 bits with one scale/zero per token and KV head (the "u8h" format)
+    sharedmeta ring blocks' 8-bit meta (lo, dz, top) shared by the KV heads ("u8s")
+    both       res8g64 and sharedmeta
+
+The modes are simulated in the reference cache (the ring is written exactly as shipped;
+only what attention reads from the sinks/residual, or the ring's meta, changes), so the
+byte column is the shipped cache's; `edgekv eval --meta u8s --residual u8h` measures the
+real formats. All rows run in lockstep with one fp16 cache over the evaluation text.
+
+    .venv/bin/python bench/residual_precision.py [--bits 2,3] [--modes ringv,res6,...]
+"""
+
+import json
+import time
+
+import _layouts
+import torch
+
+from edgekv.reference import quant_torch as qt
+from edgekv.reference.cache import CompressedKVCache
+from edgekv.reference.model import ReferenceModel
+
+MODES = ("ringv", "ringv+1", "res6", "res8g64", "sharedmeta", "both")
+
+
+class RoundedCache(CompressedKVCache):
+    """Holds sinks/residual in fp16 (its policy says fp16) and rounds them when read, per `mode`."""
+
+    def __init__(self, policy, shape, batch, context, mode):
+        super().__init__(policy, shape, batch, context)
+        from edgekv.rotation import hadamard
+
+        self.h = torch.from_numpy(hadamard(shape.head_dim)).float()
+        self.mode, self._layer, self._side, self._pushing = mode, 0, 0, False
+
+    def _round(self, part, side, layer, x):
+        p, g, d = self.policy, self.policy.group, x.shape[-1]
+        if self.mode in ("res8g64", "both"):
+            g = d
+        if self.mode == "res6":
+            return qt.dequantize_values(*qt.quantize_values(x, 6, g)[:3], 6, g, d)
+        if self.mode.startswith("ringv") and part == "residual" and side == "v" and not self._pushing:
+            bv = p.bits_v[layer]
+            bv = {2: 3, 3: 4, 4: 5, 5: 6}.get(bv, bv) if self.mode == "ringv+1" else bv
+            if bv == 16:
+                return x
+            gv = p.value_group(layer)
+            q = qt.quantize_values(x @ self.h, bv, gv, "fp16", p.clip_ratio("v", bv))
+            return qt.dequantize_values(*q[:3], bv, gv, d) @ self.h.T
+        return qt.dequantize_values(*qt.quantize_values(x, 8, g)[:3], 8, g, d)
+
+    def view(self, layer):
+        self._layer, self._side = layer, 0
+        return super().view(layer)
+
+    def read_back(self, x):  # the model calls it for k, then v, after view(layer)
+        side = "kv"[self._side]
+        self._side ^= 1
+        part = "sink" if self.n_sink < self.policy.sinks else "residual"
+        return self._round(part, side, self._layer, x.to(torch.float16).float())
+
+    def plain(self, layer, name, n):
+        part, side = name.split("_")
+        return self._round(part, side, layer, self.layers[layer][name][:, :, :n].float())
+
+    def _push_block(self, layer):
+        """The ring is written from the 8-bit residual as shipped; "u8s" modes share meta."""
+        self._pushing = True
+        encode = qt.encode_u8
+        if self.mode in ("sharedmeta", "both"):
+            qt.encode_u8 = lambda mn, mx, bits, axes, shared=None: _shared_per_head(encode, mn, mx, bits, axes)
+        try:
+            super()._push_block(layer)
+        finally:
+            self._pushing = False
+            qt.encode_u8 = encode
+
+
+def _shared_per_head(encode, mn, mx, bits, axes):
+    """encode with the meta shared over the heads (axis 1 of the cache's [N,H,...] blocks),
+    then repeated per head so the cache's per-head meta buffers hold it."""
+    sc, zc, m = encode(mn, mx, bits, axes, 1)
+    return sc, zc, m.expand(*mn.shape[:2], *m.shape[2:])
+
+
+class RoundedModel(ReferenceModel):
+    def __init__(self, model, policy, mode):
+        super().__init__(model, policy.with_(residual="fp16"))
+        self.mode = mode
+
+    def new_cache(self, batch=1, context=None):
+        return RoundedCache(self.policy, self.shape, batch, context, self.mode)
+
+
+def main() -> None:
+    ap = _layouts.shipped_parser(__doc__, "bench/results/residual-precision-smollm2.json")
+    ap.set_defaults(bits="2,3", meta="u8", residual="u8")
+    ap.add_argument("--modes", default=",".join(MODES))
+    args = ap.parse_args()
+    from edgekv.calibration import calibrated_policy, measure
+    from edgekv.policy import CachePolicy
+    from edgekv.quality.divergence import divergences
+
+    loaded, shape, ids, geometry, base = _layouts.shipped(args)
+    model, tok = loaded.model, loaded.tokenizer
+    sens = measure(model, tok, base)
+    tests, names = [], []
+    for target in _layouts.targets(args):
+        policy, _ = calibrated_policy(model, tok, base, target, sens=sens)
+        tests.append(ReferenceModel(model, policy))
+        names.append((target, "shipped", policy))
+        for mode in args.modes.split(","):
+            tests.append(RoundedModel(model, policy, mode))
+            names.append((target, mode, policy))
+    fp16 = ReferenceModel(model, CachePolicy.uniform(shape.num_layers, 16, **geometry).fp16_equivalent())
+    t0 = time.perf_counter()
+    scores = divergences(fp16, tests, ids, sequences=args.sequences)
+    rows = [dict(target=t, mode=m, kl=d.kl, delta_pct=d.delta_pct, fp16_ratio=p.fp16_ratio(shape))
+            for (t, m, p), d in zip(names, scores)]
+    for r in rows:
+        print(f"{r['target']:4} {r['mode']:10} KL {r['kl']:.5f}  Δppl {r['delta_pct']:+.2f} %")
+    _layouts.write(args.json, loaded, ids, args.sequences, geometry=geometry,
+                   evaluation_seconds=time.perf_counter() - t0, rows=rows)
+    print(json.dumps({"wrote": args.json}))
+
+
+if __name__ == "__main__":
+    main()
