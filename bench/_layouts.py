@@ -33,24 +33,27 @@ def load(max_tokens: int):
 
 
 def shipped_parser(doc: str, json_default: str) -> argparse.ArgumentParser:
-    """parser() plus the window, value group and sink/residual storage of the shipped
-    geometry (`shipped`; results before 2026-12-04's session 14 used an fp16 residual:
-    pass --residual fp16 to reproduce them)."""
+    """parser() plus the window, value group, scale/zero and sink/residual storage of the
+    shipped geometry (`shipped`; results before 2026-12-04's session 14 used an fp16
+    residual, those before session 17 --meta u8 --residual u8: pass them to reproduce)."""
+    from edgekv.policy import DEFAULT_META, DEFAULT_RESIDUAL, METAS, RESIDUALS
+
     ap = parser(doc, json_default)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--group", type=int, default=32)
-    ap.add_argument("--residual", default="u8", choices=["u8", "fp16"])
+    ap.add_argument("--meta", default=DEFAULT_META, choices=METAS)
+    ap.add_argument("--residual", default=DEFAULT_RESIDUAL, choices=RESIDUALS)
     return ap
 
 
 def shipped(args):
-    """load() plus the shipped cache geometry (Hadamard rotation, 8-bit metadata, the value
-    group and sink/residual storage of args) at args.window and a uniform 3-bit base policy
+    """load() plus the shipped cache geometry (Hadamard rotation; the value group, scale/zero
+    and sink/residual storage of args) at args.window and a uniform 3-bit base policy
     of it: (loaded, KVShape, ids, geometry, base)."""
     from edgekv.policy import CachePolicy
 
     loaded, shape, ids = load(args.max_tokens)
-    geometry = dict(window=args.window, sinks=4, block=32, group=args.group, rotation="hadamard", meta="u8",
+    geometry = dict(window=args.window, sinks=4, block=32, group=args.group, rotation="hadamard", meta=args.meta,
                     residual=args.residual)
     return loaded, shape, ids, geometry, CachePolicy.uniform(shape.num_layers, 3, **geometry)
 

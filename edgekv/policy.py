@@ -24,6 +24,11 @@ METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)
 # storage of the sinks and the residual (CachePolicy.residual): fp16, or 8-bit codes per token
 # with an fp16 scale/zero per group of G channels ("u8") or per token and KV head ("u8h")
 RESIDUALS = ("fp16", "u8", "u8h")
+# What `edgekv export`/`eval` store unless told otherwise (CachePolicy itself and a manifest
+# without these entries mean fp16, the formats before 8-bit storage existed).
+# u8s/u8h make --bits 3 0.2298x of fp16 at W1024 but cost 2 and 4 bits their goals
+# (BENCHMARKS.md "Shared block meta"), so they are options.
+DEFAULT_META, DEFAULT_RESIDUAL = "u8", "u8"
 
 
 def plain_group(residual: str, group: int, head_dim: int) -> int:

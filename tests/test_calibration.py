@@ -160,7 +160,7 @@ def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     chosen = [c for c in a["selection"]["candidates"] if c["name"] == a["selection"]["chosen"]]
     assert chosen and chosen[0]["bits_k"] == p["bits_k"] and chosen[0]["bits_v"] == p["bits_v"]
     # 8-bit scale + zero per 8 elements, 3 fp16 per block of 8 x 16 (the default u8 metadata)
-    assert p["meta"] == "u8"
+    assert p["meta"] == "u8" and p["residual"] == "u8"
     assert m["cache"]["bits_per_element_with_metadata"] == pytest.approx(p["average_bits"] + 2 + 48 / 128)
     out2 = tmp_path / "uni"
     m2 = _export(tiny_model_dir, out2, "--bits", "2.5", "--bits-layout", "uniform")
@@ -246,18 +246,18 @@ def test_sampled_fisher_is_the_expected_squared_gradient(tiny_model):
 
 
 def test_export_u8_residual_reaches_the_manifest_and_widens_a_kv_ratio(tiny_model_dir, tmp_path):
-    """--residual u8 shrinks the fixed part of the cache, so the same --kv-ratio leaves more
-    code bits; the manifest records it and the runtime opens the bundle with it."""
+    """--residual u8 (u8h more) shrinks the fixed part of the cache, so the same --kv-ratio
+    leaves more code bits; the manifest records it and the runtime opens the bundle with it."""
     from edgekv.runtime.bundle import open_bundle
 
     targets = {}
-    for residual in ("fp16", "u8"):
+    for residual in ("fp16", "u8", "u8h"):
         out = tmp_path / residual
         m = _export(tiny_model_dir, out, "--residual", residual, "--kv-ratio", "0.4")
         assert m["policy"]["residual"] == residual and m["cache"]["fp16_ratio"] <= 0.4
         assert open_bundle(out).policy.residual == residual
         targets[residual] = m["allocation"]["target_bits"]
-    assert targets["u8"] > targets["fp16"]
+    assert targets["u8h"] >= targets["u8"] > targets["fp16"]
 
 
 def test_coarse_value_groups_are_measured_as_that_group_would_be(captured):

@@ -95,11 +95,12 @@ def test_eval_key_rounding(tmp_path, tiny_model_dir):
 
 def test_eval_u8_residual_row_against_an_fp16_baseline(tmp_path, tiny_model_dir):
     """The fp16 row stays all-fp16 (the baseline); the quantized row stores its sinks and
-    residual in 8 bits and costs fewer bytes than with an fp16 residual."""
+    residual in 8 bits and costs fewer bytes than with an fp16 residual, and fewer with one
+    scale/zero per token and head (u8h) than per group (u8)."""
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
     ratios = []
-    for residual in ("fp16", "u8"):
+    for residual in ("fp16", "u8", "u8h"):
         out = tmp_path / f"{residual}.json"
         assert main(["eval", str(tiny_model_dir), "--window", "64", "--block", "8", "--group", "8", "--text", str(text),
                      "--max-tokens", "200", "--passkey-lengths", "", "--bits", "3", "--bits-layout", "uniform",
@@ -107,7 +108,7 @@ def test_eval_u8_residual_row_against_an_fp16_baseline(tmp_path, tiny_model_dir)
         rows = json.loads(out.read_text())["rows"]
         assert rows[0]["setting"] == "fp16 W64" and rows[0]["fp16_ratio"] == 1.0
         ratios.append(rows[1]["fp16_ratio"])
-    assert rows[1]["setting"] == "3-bit W64 hadamard meta u8 residual u8" and 0 < ratios[1] < ratios[0]
+    assert rows[1]["setting"] == "3-bit W64 hadamard meta u8 residual u8h" and 0 < ratios[2] < ratios[1] < ratios[0]
 
 
 def test_eval_value_groups_row(tmp_path, tiny_model_dir):
