@@ -41,6 +41,22 @@ def is_u8(meta: str) -> bool:
     return meta in ("u8", "u8s")
 
 
+def meta_suffix(meta: str) -> str:
+    """Appended to graph function and kernel names built for one scale/zero format."""
+    return {"fp16": "", "u8": "_m8", "u8s": "_m8s"}[meta]
+
+
+def meta_heads(meta: str, num_kv_heads: int) -> int:
+    """KV heads with their own per-block meta: all of them, or one set shared ("u8s")."""
+    return 1 if meta == "u8s" else num_kv_heads
+
+
+def head_axis(meta: str, axes: tuple[int, ...]) -> int | None:
+    """The axis "u8s" shares a block's meta over: the KV heads, just before the groups' trailing
+    `axes` ([..., H, B, D] blocks); None for the per-head formats."""
+    return min(axes) - 1 if meta == "u8s" else None
+
+
 def meta_axes(axes: tuple[int, ...], shared_axis: int | None) -> tuple[int, ...]:
     """The axes one block's meta spans: its groups' `axes`, plus the KV-head axis with "u8s"."""
     return axes if shared_axis is None else (shared_axis, *axes)

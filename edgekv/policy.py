@@ -14,7 +14,7 @@ from typing import Literal
 
 from edgekv.errors import PolicyError
 from edgekv.key_feedback import KeyFeedback
-from edgekv.meta_u8 import META_FIELDS, META_FORMATS, is_u8
+from edgekv.meta_u8 import META_FIELDS, META_FORMATS, is_u8, meta_heads
 from edgekv.packing import PACKED_BITS
 
 SUPPORTED_BITS = (*PACKED_BITS, 16)  # 16: the ring stays fp16
@@ -101,8 +101,8 @@ class CachePolicy:
     Hadamard matrix along head_dim before quantizing and un-rotated when read; sinks, the
     residual and 16-bit layers are never rotated), and the scale/zero storage ("fp16" per
     group, or "u8": 8-bit codes per group plus three fp16 numbers per block and head, or
-    "u8s": those three shared by the block's KV heads, edgekv.meta_u8), and `clip`: (side "k"/"v", width, ratio) entries that narrow each
-    group's quantization range to `ratio` of its span (edgekv.clipping; absent: 1), and
+    "u8s": those three shared by the block's KV heads, edgekv.meta_u8), and `clip`: (side
+    "k"/"v", width, ratio) entries that narrow each group's quantization range to `ratio` of its span (edgekv.clipping; absent: 1), and
     `key_feedback`: per-layer step matrices that round keys query-aware instead of to the
     nearest code (edgekv.key_feedback; None: nearest), and `residual`: how the sinks and
     the residual are stored ("fp16", or "u8": per token 8-bit codes with an fp16 scale and
@@ -241,7 +241,7 @@ class CachePolicy:
         bk, bv = self.bits_k[layer], self.bits_v[layer]
         pre = (batch, h)
         md = "uint8" if is_u8(self.meta) else "float16"
-        meta_shape = (batch, 1 if self.meta == "u8s" else h, nblk, META_FIELDS)  # u8s: one per block
+        meta_shape = (batch, meta_heads(self.meta, h), nblk, META_FIELDS)
         t = [spec for part, n in (("sink", self.sinks), ("residual", b)) for side in "kv"
              for spec in self.plain_tensors(f"{part}_{side}", (*pre, n, d))]
         if bk == 16:
@@ -308,7 +308,7 @@ class CachePolicy:
         """Marginal bytes one more window token costs across all layers, metadata included."""
         h, d = shape.num_kv_heads, shape.head_dim
         # meta bytes per block and head ("u8s": one set per block for all heads)
-        per_block = 0 if not is_u8(self.meta) else 2 * META_FIELDS / (h if self.meta == "u8s" else 1)
+        per_block = 2 * META_FIELDS * meta_heads(self.meta, h) / h if is_u8(self.meta) else 0
         total = 0.0
         for i, (bk, bv) in enumerate(zip(self.bits_k, self.bits_v)):
             for bits, group in ((bk, self.block), (bv, self.value_group(i))):

@@ -38,7 +38,7 @@ def _groups(mn: np.ndarray, mx: np.ndarray, bits: int, meta: str, axes: tuple[in
     the KV heads are the axis before `axes` ([..., H, B, D] blocks)."""
     mn, mx = clipped_range(mn, mx, clip)
     if meta_u8.is_u8(meta):
-        sc, zc, m = meta_u8.encode(mn, mx, bits, axes, min(axes) - 1 if meta == "u8s" else None)
+        sc, zc, m = meta_u8.encode(mn, mx, bits, axes, meta_u8.head_axis(meta, axes))
         return (sc, zc, m, *meta_u8.decode(sc, zc, m, axes))
     if meta != "fp16":
         raise ValueError(f"metadata format must be one of {meta_u8.META_FORMATS}, got {meta!r}")

@@ -18,7 +18,7 @@ import onnx
 from onnx import FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
 from edgekv.clipping import shrink
-from edgekv.meta_u8 import is_u8
+from edgekv.meta_u8 import head_axis, is_u8, meta_axes, meta_suffix
 from edgekv.policy import quantized_parts
 
 DOMAIN = "edgekv"
@@ -194,7 +194,7 @@ def _grid(e: Emitter, x: str, axis: int, bits: int, meta: str, super_axes: tuple
         t = e.op("Mul", e.op("Sub", mx, mn), e.f32(shrink(clip)))
         mn, mx = e.op("Add", mn, t), e.op("Sub", mx, t)
     if is_u8(meta):  # "u8s": one meta for all KV heads, the axis before the block's groups
-        span = super_axes if meta == "u8" else (min(super_axes) - 1, *super_axes)
+        span = meta_axes(super_axes, head_axis(meta, super_axes))
         scale, zero, block_meta, s32, z32 = _encode_u8(e, mn, mx, bits, span)
         stored = (scale, zero, block_meta)
     else:
@@ -245,8 +245,7 @@ def _hadamard(e: Emitter, head_dim: int) -> str:
 
 def _suffix(rotate: bool, meta: str = "fp16", clip: float = 1.0, feedback: bool = False) -> str:
     clipped = "" if clip == 1.0 else "_c" + f"{clip:g}".replace(".", "p")
-    m8 = {"fp16": "", "u8": "_m8", "u8s": "_m8s"}[meta]
-    return ("_rot" if rotate else "") + m8 + clipped + ("_fb" if feedback else "")
+    return ("_rot" if rotate else "") + meta_suffix(meta) + clipped + ("_fb" if feedback else "")
 
 
 def _outputs(e: Emitter, names: tuple[str, ...], values: tuple[str, ...]) -> None:

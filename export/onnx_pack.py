@@ -18,7 +18,7 @@ from edgekv.export.onnx_ops import (
     DOMAIN, F16, U8, Emitter, opset_imports, quantize_keys_function, quantize_values_function,
 )
 from edgekv.export.onnx_plain import plain_types, read_plain
-from edgekv.meta_u8 import is_u8
+from edgekv.meta_u8 import is_u8, meta_heads
 from edgekv.policy import META_FIELDS, CachePolicy, KVShape, packed_prefix, plain_names, quantized_parts
 
 IR_VERSION = 9  # what onnxruntime >= 1.15 reads; nothing here needs more
@@ -42,7 +42,7 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     (of the Hadamard-rotated block when policy.rotation says so)."""
     policy.check_shape(shape)
     h, d, blk = shape.num_kv_heads, shape.head_dim, policy.block
-    hm = 1 if policy.meta == "u8s" else h  # heads with their own block meta
+    hm = meta_heads(policy.meta, h)
     kbits, vouts = pack_outputs(policy)
     e = Emitter()
     outputs, functions = [], []

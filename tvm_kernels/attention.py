@@ -32,7 +32,7 @@ import math
 
 from tvm import te, tirx
 
-from edgekv.meta_u8 import is_u8
+from edgekv.meta_u8 import is_u8, meta_heads
 from edgekv.tvm_kernels.pack import plain_input
 from edgekv.tvm_kernels.params import AttnParams
 
@@ -137,7 +137,7 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         for side in "kv")
     unrotate = _unrotate_dense if dense_rotation else _unrotate
     u8 = is_u8(p.meta)
-    hm = 1 if p.meta == "u8s" else h  # heads with their own block meta
+    hm = meta_heads(p.meta, h)
     md = U8 if u8 else F16
     if bk == 16:
         ring_k = [te.placeholder((1, h, n, b, d), F16, name="ring_k")]

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import tvm
 
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import CachePolicy, KVShape, residual_suffix
 from edgekv.tvm_kernels.build import compile_module, cuda_source, nvcc_fatbin, scheduled_attention, scheduled_pack
-from edgekv.policy import residual_suffix
 from edgekv.tvm_kernels.params import attn_params, group_suffix, kernel_key, pack_key, pack_params
 from edgekv.tvm_kernels.targets import is_gpu
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgekv.meta_u8 import META_FORMATS
+from edgekv.meta_u8 import META_FORMATS, meta_suffix
 from edgekv.packing import PACKED_BITS
 from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names, residual_suffix
 
@@ -112,7 +112,7 @@ class AttnParams:
         return (f"hq{self.num_heads}_hkv{self.num_kv_heads}_d{self.head_dim}_s{self.sinks}"
                 f"_n{self.slots}_b{self.block}_g{self.group}_k{self.bits_k}_v{self.bits_v}_c{self.chunk}"
                 + group_suffix(self.group, self.group_v) + ("_rot" if self.rotate else "")
-                + {"fp16": "", "u8": "_m8", "u8s": "_m8s"}[self.meta] + residual_suffix(self.residual))
+                + meta_suffix(self.meta) + residual_suffix(self.residual))
 
     @property
     def cache_names(self) -> list[str]:

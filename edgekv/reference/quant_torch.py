@@ -82,7 +82,7 @@ def _groups(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta: str, axes: tupl
     the KV-head axis of mn that "u8s" shares meta over (default: the one before `axes`)."""
     mn, mx = clipped_range(mn, mx, clip)
     if meta_u8.is_u8(meta):
-        shared = None if meta != "u8s" else (min(axes) - 1 if heads is None else heads)
+        shared = heads if meta == "u8s" and heads is not None else meta_u8.head_axis(meta, axes)
         sc, zc, m = encode_u8(mn, mx, bits, axes, shared)
         return (sc, zc, m, *decode_u8(sc, zc, m, axes))
     scale, zero = _scale_zero(mn, mx, bits)
