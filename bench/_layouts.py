@@ -35,7 +35,7 @@ def load(max_tokens: int):
 def shipped_parser(doc: str, json_default: str) -> argparse.ArgumentParser:
     """parser() plus the window, value group, scale/zero and sink/residual storage of the
     shipped geometry (`shipped`; results before 2026-12-04's session 14 used an fp16
-    residual, those before session 17 --meta u8 --residual u8: pass them to reproduce)."""
+    residual: pass --residual fp16 to reproduce them)."""
     from edgekv.policy import DEFAULT_META, DEFAULT_RESIDUAL, METAS, RESIDUALS
 
     ap = parser(doc, json_default)
