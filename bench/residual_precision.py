@@ -14,6 +14,9 @@ tokens are read back as:
     res8g64    8 bits with one scale/zero per token and KV head (the "u8h" format)
     sharedmeta ring blocks' 8-bit meta (lo, dz, top) shared by the KV heads ("u8s")
     both       res8g64 and sharedmeta
+    res8g64r   res8g64 after a Hadamard rotation along head_dim (undone when read), so one
+               per-head scale is not spent on a few outlier channels
+    bothr      res8g64r and sharedmeta
 
 The modes are simulated in the reference cache (the ring is written exactly as shipped;
 only what attention reads from the sinks/residual, or the ring's meta, changes), so the
@@ -33,7 +36,7 @@ from edgekv.reference import quant_torch as qt
 from edgekv.reference.cache import CompressedKVCache
 from edgekv.reference.model import ReferenceModel
 
-MODES = ("ringv", "ringv+1", "res6", "res8g64", "sharedmeta", "both")
+MODES = ("ringv", "ringv+1", "res6", "res8g64", "sharedmeta", "both", "res8g64r", "bothr")
 
 
 class RoundedCache(CompressedKVCache):
@@ -48,8 +51,10 @@ class RoundedCache(CompressedKVCache):
 
     def _round(self, part, side, layer, x):
         p, g, d = self.policy, self.policy.group, x.shape[-1]
-        if self.mode in ("res8g64", "both"):
+        if self.mode in ("res8g64", "both", "res8g64r", "bothr"):
             g = d
+        if self.mode in ("res8g64r", "bothr"):
+            return qt.dequantize_values(*qt.quantize_values(x @ self.h, 8, g)[:3], 8, g, d) @ self.h.T
         if self.mode == "res6":
             return qt.dequantize_values(*qt.quantize_values(x, 6, g)[:3], 6, g, d)
         if self.mode.startswith("ringv") and part == "residual" and side == "v" and not self._pushing:
@@ -80,7 +85,7 @@ class RoundedCache(CompressedKVCache):
         """The ring is written from the 8-bit residual as shipped; "u8s" modes share meta."""
         self._pushing = True
         encode = qt.encode_u8
-        if self.mode in ("sharedmeta", "both"):
+        if self.mode in ("sharedmeta", "both", "bothr"):
             qt.encode_u8 = lambda mn, mx, bits, axes, shared=None: _shared_per_head(encode, mn, mx, bits, axes)
         try:
             super()._push_block(layer)

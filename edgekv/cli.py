@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgekv import __version__
 from edgekv.errors import EdgekvError
-from edgekv.policy import DEFAULT_META, DEFAULT_RESIDUAL
+from edgekv.policy import DEFAULT_META, DEFAULT_RESIDUAL, RESIDUALS
 
 
 def _int_list(s: str) -> list[int]:
@@ -190,11 +190,12 @@ def _add_policy_args(p) -> None:
                         "bytes (--bits 3.5 u8 vs --bits 3 fp16: same memory, -54 %% KL); a 3-bit "
                         "cache with an fp16 residual is 0.247x of fp16 with u8, 0.275x with fp16 "
                         "(W1024)")
-    p.add_argument("--residual", choices=["u8", "u8h", "fp16"], default=DEFAULT_RESIDUAL,
+    p.add_argument("--residual", choices=list(RESIDUALS), default=DEFAULT_RESIDUAL,
                    help="storage of the sinks and the residual (the newest, not yet quantized "
                         "--block tokens): u8, 8-bit codes per token with an fp16 scale and zero per "
                         "--group channels (9 bits per element at group 32); u8h, the same per token "
-                        "and KV head (8.5 bits at head_dim 64); fp16. A 3-bit cache at W1024 is "
+                        "and KV head (8.5 bits at head_dim 64); u8hr, u8h of the tokens rotated by a Hadamard "
+                        "matrix along head_dim, which keeps u8h's bytes at u8's accuracy; fp16. A 3-bit cache at W1024 is "
                         "0.232x of fp16 with u8/u8, 0.230x with u8h and --meta u8s (+0.49 %% "
                         "perplexity on SmolLM2, but 2 and 4 bits lose more: BENCHMARKS.md), 0.247x "
                         "with an fp16 residual")

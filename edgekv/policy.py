@@ -22,8 +22,10 @@ PositionMode = Literal["cache", "original"]
 ROTATIONS = ("none", "hadamard")
 METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)
 # storage of the sinks and the residual (CachePolicy.residual): fp16, or 8-bit codes per token
-# with an fp16 scale/zero per group of G channels ("u8") or per token and KV head ("u8h")
-RESIDUALS = ("fp16", "u8", "u8h")
+# with an fp16 scale/zero per group of G channels ("u8") or per token and KV head ("u8h"), or
+# per token and KV head after a Hadamard rotation along head_dim ("u8hr": the rotation spreads
+# pre-RoPE keys' outlier channels, so one scale per head costs little; undone when read)
+RESIDUALS = ("fp16", "u8", "u8h", "u8hr")
 # What `edgekv export`/`eval` store unless told otherwise (CachePolicy itself and a manifest
 # without these entries mean fp16, the formats before 8-bit storage existed).
 # u8s/u8h make --bits 3 0.2298x of fp16 at W1024 but cost 2 and 4 bits their goals
@@ -32,14 +34,20 @@ DEFAULT_META, DEFAULT_RESIDUAL = "u8", "u8"
 
 
 def plain_group(residual: str, group: int, head_dim: int) -> int:
-    """Channels per scale/zero of 8-bit sinks/residual: G ("u8") or the whole head ("u8h")."""
-    return head_dim if residual == "u8h" else group
+    """Channels per scale/zero of 8-bit sinks/residual: G ("u8") or the whole head ("u8h", "u8hr")."""
+    return head_dim if residual in ("u8h", "u8hr") else group
+
+
+def plain_rotated(residual: str) -> bool:
+    """Whether 8-bit sinks/residual are stored Hadamard-rotated along head_dim: x @ H is
+    quantized and a read returns dequantized @ H (H is symmetric and orthonormal)."""
+    return residual == "u8hr"
 
 
 def residual_suffix(residual: str) -> str:
     """Appended to the names of graph functions and kernels built for one sink/residual
     format, so bundles and kernel libraries never mix them."""
-    return {"fp16": "", "u8": "_r8", "u8h": "_r8h"}[residual]
+    return {"fp16": "", "u8": "_r8", "u8h": "_r8h", "u8hr": "_r8hr"}[residual]
 
 
 def plain_names(name: str, residual: str) -> list[str]:
@@ -107,7 +115,8 @@ class CachePolicy:
     nearest code (edgekv.key_feedback; None: nearest), and `residual`: how the sinks and
     the residual are stored ("fp16", or "u8": per token 8-bit codes with an fp16 scale and
     zero per group of G channels, 8 + 32/G bits per element; or "u8h": one fp16 scale and zero
-    per token and KV head, 8 + 32/head_dim bits; new tokens are rounded that way before
+    per token and KV head, 8 + 32/head_dim bits; or "u8hr": u8h of the tokens rotated by
+    a Hadamard matrix along head_dim, the rotation undone when read; new tokens are rounded that way before
     attention sees them), and `groups_v`: the value group of each layer's ring (empty:
     G everywhere; the sinks and residual always group by G), so calibration can coarsen
     value metadata only where it costs little (edgekv.allocation)."""
@@ -220,6 +229,9 @@ class CachePolicy:
         if self.rotation == "hadamard" and shape.head_dim & (shape.head_dim - 1):
             raise PolicyError(f"a Hadamard rotation needs a power-of-two head_dim, got {shape.head_dim}; "
                               f"use rotation 'none'")
+        if plain_rotated(self.residual) and shape.head_dim & (shape.head_dim - 1):
+            raise PolicyError(f"residual {self.residual!r} rotates by a Hadamard matrix and needs a "
+                              f"power-of-two head_dim, got {shape.head_dim}; use residual 'u8h'")
 
     # ---- byte accounting -------------------------------------------------------------
     def ring_capacity(self, context: int | None = None) -> int:
@@ -264,7 +276,7 @@ class CachePolicy:
 
     def residual_group(self, head_dim: int) -> int:
         """Channels per scale/zero of the 8-bit sinks and residual: G ("u8"), or the whole
-        head ("u8h"; fp16 keeps no scale, and this is then unused)."""
+        head ("u8h", "u8hr"; fp16 keeps no scale, and this is then unused)."""
         return plain_group(self.residual, self.group, head_dim)
 
     def plain_tensors(self, name: str, shape: tuple[int, ...]) -> list[TensorSpec]:

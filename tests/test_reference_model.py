@@ -11,6 +11,10 @@ LOGITS_ATOL = 5e-3
 # which can move a K/V element across an fp16 or quantization rounding tie now and then
 # (one code step on one element); seen up to 7e-4 on this tiny model at 8 bits.
 CHUNK_ATOL = 2e-3
+# With residual "u8hr" a token's scale/zero is taken over its rotated channels, each a sum
+# of all the token's fp16 channels, so a tie in any of them moves the scale and all of the
+# token's codes (then, at 4 bits, a ring code): seen up to 0.018 here, on a few tokens.
+CHUNK_ATOL_ROTATED = 0.03
 
 
 def _policy(bits, **kw):
@@ -31,7 +35,7 @@ def test_16_bit_without_eviction_reproduces_model_logits(tiny_model):
 
 @pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
 @pytest.mark.parametrize("positions", ["cache", "original"])
-@pytest.mark.parametrize("residual", ["fp16", "u8", "u8h"])
+@pytest.mark.parametrize("residual", ["fp16", "u8", "u8h", "u8hr"])
 def test_chunked_equals_token_by_token(tiny_model, bits, positions, residual):
     """The equivalence perplexity evaluation relies on, with eviction happening."""
     ids = torch.randint(0, 256, (1, 77), generator=torch.Generator().manual_seed(bits))
@@ -39,7 +43,7 @@ def test_chunked_equals_token_by_token(tiny_model, bits, positions, residual):
     chunked = ref.forward(ids, ref.new_cache())
     c = ref.new_cache()
     stepwise = torch.cat([ref.forward(ids[:, i:i + 1], c) for i in range(ids.shape[1])], dim=1)
-    assert (chunked - stepwise).abs().max() < CHUNK_ATOL
+    assert (chunked - stepwise).abs().max() < (CHUNK_ATOL_ROTATED if residual == "u8hr" else CHUNK_ATOL)
 
 
 def test_quantization_error_grows_as_bits_shrink(tiny_model):

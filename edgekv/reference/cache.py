@@ -2,7 +2,8 @@
 
 Layout per layer (batch N, KV heads H, head_dim D), as `CachePolicy.layer_tensors` lists:
 sinks [N,H,S,D] and residual [N,H,B,D] in fp16 (or 8-bit codes per token with a scale and
-zero per group, policy.residual "u8", or per KV head, "u8h"), and a ring of W/B blocks: keys packed per
+zero per group, policy.residual "u8", or per KV head, "u8h", or per KV head of the
+tokens Hadamard-rotated along head_dim, "u8hr"), and a ring of W/B blocks: keys packed per
 channel over each block, values packed per token in groups of G (or fp16 at 16 bits).
 Keys are stored pre-RoPE; `view` returns them with the positions RoPE must use.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from edgekv.meta_u8 import is_u8
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import CachePolicy, KVShape, plain_rotated
 from edgekv.reference import quant_torch as qt
 
 _TORCH_DTYPES = {"float16": torch.float16, "uint8": torch.uint8}
@@ -39,6 +40,12 @@ class CompressedKVCache:
 
             h = torch.from_numpy(hadamard(shape.head_dim))
             self.rotation = {"k": h, "v": h}
+        # residual "u8hr": sinks/residual are quantized as x @ H and read back as x~ @ H
+        self._plain_h = None
+        if plain_rotated(policy.residual):
+            from edgekv.rotation import hadamard
+
+            self._plain_h = torch.from_numpy(hadamard(shape.head_dim))
         fb = policy.key_feedback  # query-aware key rounding (edgekv.key_feedback)
         self.key_feedback = None if fb is None else torch.from_numpy(fb.matrices.copy())
         self.n_sink = 0
@@ -99,7 +106,16 @@ class CompressedKVCache:
             return x
         d = x.shape[-1]
         g = self.policy.residual_group(d)
-        return qt.dequantize_values(*qt.quantize_values(x, 8, g), 8, g, d)
+        return self._unrotate(qt.dequantize_values(*qt.quantize_values(self._rotate(x), 8, g), 8, g, d))
+
+    # Both directions multiply in float64 and round to float32: the sums are then (nearly
+    # always) exact, so a token's codes and values do not depend on how many tokens one
+    # matmul took (chunked prefill == token by token; `read_back` == `plain`).
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._plain_h is None else (x.double() @ self._plain_h.double()).float()
+
+    def _unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._plain_h is None else (x.double() @ self._plain_h.double().T).float()
 
     def plain(self, layer: int, name: str, n: int) -> torch.Tensor:
         """The first n tokens of sink or residual buffer `name` ("sink_k", "residual_v", ...)
@@ -107,8 +123,9 @@ class CompressedKVCache:
         c = self.layers[layer]
         if self.policy.residual == "fp16":
             return c[name][:, :, :n].float()
-        return qt.dequantize_values(c[name][:, :, :n], c[f"{name}_scale"][:, :, :n], c[f"{name}_zero"][:, :, :n],
-                                    8, self.policy.residual_group(self.shape.head_dim), self.shape.head_dim)
+        return self._unrotate(qt.dequantize_values(
+            c[name][:, :, :n], c[f"{name}_scale"][:, :, :n], c[f"{name}_zero"][:, :, :n],
+            8, self.policy.residual_group(self.shape.head_dim), self.shape.head_dim))
 
     def _write_plain(self, layer: int, name: str, at: int, x: torch.Tensor) -> None:
         c, t = self.layers[layer], x.shape[2]
@@ -116,7 +133,7 @@ class CompressedKVCache:
             c[name][:, :, at:at + t] = x.to(torch.float16)
             return
         g = self.policy.residual_group(self.shape.head_dim)
-        for suffix, part in zip(("", "_scale", "_zero"), qt.quantize_values(x.to(torch.float16).float(), 8, g)):
+        for suffix, part in zip(("", "_scale", "_zero"), qt.quantize_values(self._rotate(x.to(torch.float16).float()), 8, g)):
             c[f"{name}{suffix}"][:, :, at:at + t] = part
 
     # ---- reading -----------------------------------------------------------------------
