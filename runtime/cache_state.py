@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgekv.meta_u8 import is_u8
-from edgekv.policy import CachePolicy, KVShape, packed_prefix, plain_names, quantized_parts
+from edgekv.policy import CachePolicy, KVShape, packed_prefix, plain_names, plain_rotated, quantized_parts
 from edgekv.quant import Quantized, dequantize_values
 
 # Packs one layer's full residual; returns arrays named like pack.onnx's outputs.
@@ -52,12 +52,18 @@ def graph_outputs(new: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def plain_float(policy: CachePolicy, arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """A sink/residual buffer as float32 [..., T, D]: `arrays` holds `name` (fp16, or 8-bit
-    codes with `name`_scale and `name`_zero when policy.residual is "u8" or "u8h")."""
+    codes with `name`_scale and `name`_zero when policy.residual is "u8", "u8h" or "u8hr";
+    "u8hr" codes are of x @ H and are un-rotated here, in float64 as the graphs do)."""
     if policy.residual == "fp16":
         return arrays[name].astype(np.float32)
-    codes = arrays[name]
+    codes, d = arrays[name], arrays[name].shape[-1]
     q = Quantized(codes, arrays[f"{name}_scale"], arrays[f"{name}_zero"], None)
-    return dequantize_values(q, 8, policy.residual_group(codes.shape[-1]), codes.shape[-1])
+    x = dequantize_values(q, 8, policy.residual_group(d), d)
+    if plain_rotated(policy.residual):
+        from edgekv.rotation import hadamard
+
+        x = (x.astype(np.float64) @ hadamard(d).astype(np.float64)).astype(np.float32)
+    return x
 
 
 class CacheState:

@@ -240,10 +240,11 @@ def test_u8_metadata_cache_matches_reference(tiny_model, bits_k, bits_v, rotatio
 @pytest.mark.parametrize("bits_k,bits_v,rotation,meta,residual", [
     ((4, 8), (2, 16), "none", "fp16", "u8"), ((3, 2), (3, 4), "hadamard", "u8", "u8"),
     ((16, 2), (3, 16), "hadamard", "u8", "u8"), ((3, 2), (3, 4), "hadamard", "u8", "u8h"),
-    ((3, 2), (3, 4), "hadamard", "u8s", "u8h"),
+    ((3, 2), (3, 4), "hadamard", "u8s", "u8h"), ((3, 2), (3, 4), "hadamard", "u8s", "u8hr"),
+    ((4, 8), (2, 16), "none", "u8", "u8hr"),
 ])
 def test_u8_residual_cache_matches_reference(tiny_model, bits_k, bits_v, rotation, meta, residual):
-    """policy.residual = u8/u8h: the graphs quantize new K/V to 8 bits per token (the outputs
+    """policy.residual = u8/u8h/u8hr: the graphs quantize new K/V to 8 bits per token (the outputs
     the driver stores in the sinks/residual), attention and pack.onnx read those codes; the
     reference rounds and stores the same way. 16-bit sides get the dequantized residual."""
     policy = _policy(bits_k, bits_v, rotation=rotation, meta=meta, residual=residual)
@@ -259,10 +260,11 @@ def test_u8_residual_cache_matches_reference(tiny_model, bits_k, bits_v, rotatio
     assert "past.0.residual_v_scale" in ins and "new.1.v_zero" in outs
 
 
-@pytest.mark.parametrize("rotation,residual,rg", [("none", "u8", 8), ("hadamard", "u8", 8), ("hadamard", "u8h", 16)])
+@pytest.mark.parametrize("rotation,residual,rg", [("none", "u8", 8), ("hadamard", "u8", 8), ("hadamard", "u8h", 16),
+                                                  ("hadamard", "u8hr", 16), ("none", "u8hr", 16)])
 def test_pack_reads_an_8_bit_residual_bit_exactly(rotation, residual, rg):
-    """pack.onnx with an 8-bit residual dequantizes the stored residual and packs exactly what
-    numpy packs from those dequantized values."""
+    """pack.onnx with an 8-bit residual dequantizes the stored residual (un-rotated in float64
+    with "u8hr") and packs exactly what numpy packs from those dequantized values."""
     shape = KVShape(num_layers=2, num_kv_heads=2, head_dim=16)
     policy = _policy((3, 16), (2, 4), rotation=rotation, meta="u8", residual=residual)
     sess = session(build_pack(policy, shape))
@@ -279,6 +281,9 @@ def test_pack_reads_an_8_bit_residual_bit_exactly(rotation, residual, rg):
         for side, widths in (("k", (3,)), ("v", (2, 4))):
             x = quant.dequantize_values(quant.Quantized(feeds[side], feeds[f"{side}_scale"], feeds[f"{side}_zero"],
                                                         None), 8, rg, 16)
+            if residual == "u8hr":
+                h64 = __import__("edgekv.rotation", fromlist=["hadamard"]).hadamard(16).astype(np.float64)
+                x = (x.astype(np.float64) @ h64).astype(np.float32)
             x = x if h is None else x @ h
             for b in widths:
                 q = quant.quantize_keys(x, b, "u8") if side == "k" else quant.quantize_values(x, b, 8, "u8")

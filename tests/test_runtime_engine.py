@@ -73,10 +73,11 @@ def test_key_feedback_bundle_greedy_identical_to_reference(tiny_model, tiny_mode
 
 
 @pytest.mark.parametrize("bits_k,bits_v,residual,meta", [((3, 2), (3, 4), "u8", "u8"), ((4, 16), (16, 2), "u8", "u8"),
-                                                          ((3, 2), (3, 4), "u8h", "u8s")])
+                                                          ((3, 2), (3, 4), "u8h", "u8s"),
+                                                          ((4, 16), (16, 2), "u8hr", "u8s")])
 def test_u8_residual_bundle_greedy_identical_to_reference(tiny_model, tiny_model_dir, tmp_path, bits_k, bits_v,
                                                           residual, meta):
-    """residual u8/u8h: the runtime stores the graphs' 8-bit new K/V in the sinks/residual
+    """residual u8/u8h/u8hr: the runtime stores the graphs' 8-bit new K/V in the sinks/residual
     and packs from them (16-bit ring sides get them dequantized), as the reference does;
     the cache it allocates is the policy's smaller byte count."""
     policy = _policy(bits_k, bits_v, rotation="hadamard").with_(meta=meta, residual=residual)
