@@ -28,7 +28,8 @@ def _run(bundle, backend, prompt, n):
 @pytest.mark.parametrize("bits,rotation,meta,residual", [
     (((4, 8), (2, 16)), "none", "fp16", "fp16"), (((5, 1), (1, 6)), "none", "fp16", "fp16"),
     (((3, 16), (2, 4)), "hadamard", "fp16", "fp16"), (((3, 16), (2, 4)), "hadamard", "u8", "fp16"),
-    (((3, 16), (2, 4)), "hadamard", "u8", "u8"), (((3, 16), (2, 4)), "hadamard", "u8s", "u8h")])
+    (((3, 16), (2, 4)), "hadamard", "u8", "u8"), (((3, 16), (2, 4)), "hadamard", "u8s", "u8h"),
+    (((3, 16), (2, 4)), "none", "u8s", "u8hr")])
 def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits, rotation, meta, residual):
     """30-token prompt + 60 tokens through a 32-token window: decode steps fill sinks and
     the residual, and attend over a ring that wraps (mixed 1/2/3/4/8/16-bit layers, with and
@@ -44,7 +45,11 @@ def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, bits, rot
     assert [t for t, _ in steps] == [t for t, _ in ref]
     assert sum(t == 1 for t, _ in steps) > 50  # most steps ran the kernels
     # Every step's logits (a random tiny model repeats tokens, so argmax alone says little).
-    np.testing.assert_allclose(np.stack([x for _, x in steps]), np.stack([x for _, x in ref]), rtol=0, atol=1e-4)
+    # "u8hr": a new token's scale is over rotated channels (sums of all its channels), so the
+    # kernels' fp32 differences upstream cross an 8-bit rounding tie more often; here one
+    # residual code (116 vs 117) at decode step 27, and then a 2-bit ring block's zero code.
+    atol = 1e-2 if residual == "u8hr" else 1e-4
+    np.testing.assert_allclose(np.stack([x for _, x in steps]), np.stack([x for _, x in ref]), rtol=0, atol=atol)
 
 
 def test_decode_from_sinks_only(tiny_model, tiny_model_dir, tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 
 from edgekv.errors import PolicyError
-from edgekv.policy import CachePolicy, KVShape
+from edgekv.policy import CachePolicy, KVShape, plain_rotated, residual_suffix
 
 SHAPE = KVShape(num_layers=30, num_kv_heads=3, head_dim=64)
 
@@ -170,3 +170,16 @@ def test_value_groups_are_validated_normalized_and_counted():
         CachePolicy.uniform(30, 3, groups_v=(12,) * 30, **kw)
     with pytest.raises(PolicyError, match="must divide head_dim"):
         CachePolicy.uniform(30, 3, groups_v=(48,) * 30, **kw).total_bytes(SHAPE)
+
+
+def test_rotated_residual_costs_what_u8h_costs_and_needs_a_power_of_two_head():
+    """residual "u8hr": u8h's tensors and bytes (the rotation is arithmetic, not storage);
+    a head_dim the Hadamard matrix does not exist for is refused with a way out."""
+    kw = dict(window=1024, sinks=4, block=32, group=32, meta="u8s")
+    rotated, plain = (CachePolicy.uniform(30, 3, residual=r, **kw) for r in ("u8hr", "u8h"))
+    assert rotated.layer_tensors(SHAPE, 0) == plain.layer_tensors(SHAPE, 0)
+    assert rotated.fp16_ratio(SHAPE) == plain.fp16_ratio(SHAPE) <= 0.23
+    assert plain_rotated("u8hr") and not plain_rotated("u8h") and residual_suffix("u8hr") == "_r8hr"
+    odd = CachePolicy.uniform(2, 3, residual="u8hr", sinks=4, window=32, block=8, group=8)
+    with pytest.raises(PolicyError, match="power-of-two head_dim.*u8h"):
+        odd.check_shape(KVShape(num_layers=2, num_kv_heads=1, head_dim=24))

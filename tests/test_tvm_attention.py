@@ -107,10 +107,12 @@ def test_u8_metadata_matches_reference(bits_k, bits_v, rotation):
 
 @pytest.mark.parametrize("bits_k,bits_v,rotation,meta,residual", [
     (3, 3, "none", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8"), (16, 3, "none", "u8", "u8"),
-    (4, 16, "hadamard", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8h"), (3, 2, "hadamard", "u8s", "u8h")])
+    (4, 16, "hadamard", "fp16", "u8"), (2, 4, "hadamard", "u8", "u8h"), (3, 2, "hadamard", "u8s", "u8h"),
+    (3, 2, "hadamard", "u8s", "u8hr"), (16, 3, "none", "u8", "u8hr")])
 def test_u8_residual_matches_reference(bits_k, bits_v, rotation, meta, residual):
-    """policy.residual = u8/u8h: sinks and residual are 8-bit codes with an fp16 scale/zero
-    per group (or per head), dequantized where fp16 is widened; the reference ring blocks
+    """policy.residual = u8/u8h/u8hr: sinks and residual are 8-bit codes with an fp16 scale/zero
+    per group (or per head; of the rotated tokens with u8hr, un-rotated in the kernel),
+    dequantized where fp16 is widened; the reference ring blocks
     were quantized from the dequantized residual. Sink phase, residual, wrapped ring, and a
     prefill chunk."""
     pol = CachePolicy.uniform(1, bits_k=bits_k, bits_v=bits_v, sinks=S, window=W, block=B, group=16,

@@ -28,7 +28,7 @@ def _feedback():
 @pytest.mark.parametrize("meta,feedback,bits,residual", [
     ("fp16", False, ((4, 8), (2, 16)), "fp16"), ("u8", False, ((1, 5), (6, 1)), "fp16"),
     ("u8", True, ((4, 8), (2, 16)), "fp16"), ("u8", False, ((3, 16), (2, 4)), "u8"),
-    ("u8s", False, ((3, 16), (2, 4)), "u8h")])
+    ("u8s", False, ((3, 16), (2, 4)), "u8h"), ("u8s", False, ((3, 16), (2, 4)), "u8hr")])
 def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta, feedback, bits, residual):
     """30-token prompt + 40 tokens through a 32-token window: prefill chunks, padded
     prefill, decode, packing (1/2/4/8-bit layers and fp16 ring parts) and eviction all run
@@ -49,8 +49,10 @@ def test_greedy_identical_to_ort(tiny_model, tiny_model_dir, tmp_path, meta, fee
         assert eng.state.blocks_pushed > eng.state.slots  # the ring has wrapped: eviction ran
         logits[backend] = np.stack(steps)
     assert got["tvm"] == got["ort"]
-    # Every step's logits, not only their argmax (a random tiny model repeats tokens).
-    np.testing.assert_allclose(logits["tvm"], logits["ort"], rtol=0, atol=1e-4)
+    # Every step's logits, not only their argmax (a random tiny model repeats tokens). With
+    # "u8hr" a new token's scale is taken over rotated channels, each a sum of all channels,
+    # so the attention kernels' fp32 differences upstream flip a tie more often (seen 3.5e-4).
+    np.testing.assert_allclose(logits["tvm"], logits["ort"], rtol=0, atol=1e-3 if residual == "u8hr" else 1e-4)
 
 
 def test_tvm_import_hides_torch():

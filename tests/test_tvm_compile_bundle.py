@@ -18,7 +18,7 @@ except ImportError:  # tests/ imported as a package
     from tests.runtime_helpers import make_bundle
 
 
-@pytest.mark.parametrize("residual,r", [("fp16", ""), ("u8", "_r8"), ("u8h", "_r8h")])
+@pytest.mark.parametrize("residual,r", [("fp16", ""), ("u8", "_r8"), ("u8h", "_r8h"), ("u8hr", "_r8hr")])
 def test_compile_adds_library(tiny_model, tiny_model_dir, tmp_path, capsys, residual, r):
     policy = CachePolicy(bits_k=(4, 3), bits_v=(3, 3), window=32, sinks=4, block=8, group=8, residual=residual)
     b = make_bundle(tiny_model, tiny_model_dir, tmp_path / "b", policy)

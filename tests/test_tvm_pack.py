@@ -1,5 +1,5 @@
 """TVM pack kernel: bit exact with edgekv.quant / edgekv.packing at every width, from an
-fp16 residual and from an 8-bit one (policy.residual "u8")."""
+fp16 residual and from an 8-bit one (policy.residual "u8", "u8h", "u8hr")."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ tvm = pytest.importorskip("tvm")
 
 from edgekv import quant  # noqa: E402
 from edgekv.policy import plain_group  # noqa: E402
+from edgekv.rotation import hadamard  # noqa: E402
 from edgekv.tvm_kernels.build import build_pack  # noqa: E402
 from edgekv.tvm_kernels.params import PackParams  # noqa: E402
 from edgekv.tvm_kernels.targets import host_target  # noqa: E402
@@ -29,11 +30,16 @@ def _residual(x: np.ndarray, p: PackParams) -> tuple[list[np.ndarray], np.ndarra
     if p.residual == "fp16":
         return [x], x.astype(np.float32)
     g = plain_group(p.residual, p.group, p.head_dim)
-    q = quant.quantize_values(x, 8, g)
-    return list(q[:3]), quant.dequantize_values(q, 8, g, p.head_dim)
+    if p.residual != "u8hr":
+        q = quant.quantize_values(x, 8, g)
+        return list(q[:3]), quant.dequantize_values(q, 8, g, p.head_dim)
+    # "u8hr": the codes are of x @ H; the block is their dequantized values @ H in float64
+    h = hadamard(p.head_dim).astype(np.float64)
+    q = quant.quantize_values((x.astype(np.float64) @ h).astype(np.float32), 8, g)
+    return list(q[:3]), (quant.dequantize_values(q, 8, g, p.head_dim).astype(np.float64) @ h).astype(np.float32)
 
 
-@pytest.mark.parametrize("residual", ["fp16", "u8", "u8h"])
+@pytest.mark.parametrize("residual", ["fp16", "u8", "u8h", "u8hr"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("side", ["k", "v"])
 def test_pack_bit_exact(bits, side, residual):

@@ -49,7 +49,10 @@ def test_cuda_kernels_compile_with_nvcc(arch):
     attn = build_attention(AttnParams(4, 2, 32, 4, 2, 16, 16, 3, 2, 1), target)
     attn_u8 = build_attention(AttnParams(4, 2, 32, 4, 2, 16, 16, 3, 2, 1, rotate=True, meta="u8"), target)
     pack = build_pack(PackParams(2, 32, 16, 16, 3), "k", target)
-    for lib in (attn, attn_u8, pack):
+    # residual "u8hr": the float64 un-rotation reductions must schedule on the GPU too
+    attn_r = build_attention(AttnParams(4, 2, 32, 4, 2, 16, 16, 3, 2, 1, rotate=True, meta="u8s", residual="u8hr"), target)
+    pack_r = build_pack(PackParams(2, 32, 16, 16, 3, residual="u8hr"), "v", target)
+    for lib in (attn, attn_u8, pack, attn_r, pack_r):
         src = cuda_source(lib)
         assert "__global__" in src
         assert nvcc_fatbin(src, target)[:4] == b"\x50\xed\x55\xba"

@@ -4,8 +4,8 @@ edgekv.quant / edgekv.packing.
 Keys [1,H,B,D] -> codes [1,H,D,B*b/8] (per channel over the block), scale/zero [1,H,D].
 Values [1,H,B,D] -> codes [1,H,B,D*b/8] (per token in groups of Gv, p.group_v), scale/zero
 [1,H,B,D/Gv]. The block is the residual as stored: fp16, or (residual "u8") 8-bit codes
-[1,H,B,D] with fp16 scale/zero [1,H,B,D/G], dequantized to fp32 first as the reference
-cache does.
+[1,H,B,D] with fp16 scale/zero [1,H,B,D/G] (per head with "u8h"/"u8hr"), dequantized to
+fp32 first (and with "u8hr" un-rotated in float64) as the reference cache does.
 
 The recipe is quant.py's, step by step in fp32: scale = fp16((max-min)/(2^b-1)),
 zero = fp16(min), code = clip(round_half_even((x - zero)/scale)) with the *stored* fp16
@@ -15,18 +15,20 @@ nearbyint (half to even) rather than round (half away from zero).
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import te, tirx
 
-from edgekv.policy import plain_group, plain_names
+from edgekv.policy import plain_group, plain_names, plain_rotated
 from edgekv.tvm_kernels.params import PackParams
 
-F32, F16, U8 = "float32", "float16", "uint8"
+F32, F16, U8, F64 = "float32", "float16", "uint8", "float64"
 
 
 def plain_input(name: str, shape: tuple, group: int, residual: str):
     """Placeholders of a sink/residual buffer [..., D] (CachePolicy.plain_tensors) and a
     loader of its element at an index as fp32: the fp16 value, or with an 8-bit residual
-    code * scale + zero of the channel's group (`group`, or the head with "u8h"). An 8-bit code times an fp16 scale is exact
+    code * scale + zero of the channel's group (`group`, or the head with "u8h"; "u8hr" then
+    un-rotates, `_unrotated`). An 8-bit code times an fp16 scale is exact
     in fp32, so a fused multiply-add rounds to the reference's value too."""
     names = plain_names(name, residual)
     if residual == "fp16":
@@ -39,7 +41,28 @@ def plain_input(name: str, shape: tuple, group: int, residual: str):
     def load(*ix):
         at = (*ix[:-1], ix[-1] // group)
         return x[ix].astype(F32) * sc[at].astype(F32) + z[at].astype(F32)
+    if plain_rotated(residual):
+        return [x, sc, z], _unrotated(load, shape, name)
     return [x, sc, z], load
+
+
+def _unrotated(load, shape: tuple, name: str):
+    """Loader of (dequantized) @ H for residual "u8hr": one D-wide reduction per element with
+    the Sylvester sign (-1)^popcount(j & c), summed in float64 and rounded to fp32, as the
+    reference cache multiplies (so pack stays bit exact). H's entries are edgekv.rotation's
+    float32 1/sqrt(D)."""
+    d = shape[-1]
+    j = te.reduce_axis((0, d), name=f"{name}_j")
+    amp = float(np.float32(1.0 / np.sqrt(d)))
+
+    def f(*ix):
+        both = tirx.bitwise_and(ix[-1], j)
+        parity = sum(tirx.bitwise_and(tirx.shift_right(both, k), 1) for k in range(d.bit_length() - 1))
+        h = tirx.Select(tirx.floormod(parity, 2) == 0, tirx.const(amp, F64), tirx.const(-amp, F64))
+        return te.sum(load(*ix[:-1], j).astype(F64) * h, axis=j)
+    x = te.compute(shape, f, name=f"{name}_unrot")
+    y = te.compute(shape, lambda *ix: x[ix].astype(F32), name=f"{name}_unrot32")
+    return lambda *ix: y[ix]
 
 
 def _codes(x, scale, zero, levels: int):
