@@ -185,7 +185,7 @@ def _add_policy_args(p) -> None:
     p.add_argument("--meta", choices=["u8", "u8s", "fp16"], default=DEFAULT_META,
                    help="scale/zero storage: u8, 8-bit codes per group plus 6 bytes per block and "
                         "KV head (0.52 bits per element); u8s, the same with those 6 bytes shared by "
-                        "a block's KV heads (see --residual u8h); fp16 per group (1 bit per element at block = group = "
+                        "a block's KV heads (see --residual u8hr); fp16 per group (1 bit per element at block = group = "
                         "32). On SmolLM2 u8 costs 4-12 %% KL at equal code widths and wins at equal "
                         "bytes (--bits 3.5 u8 vs --bits 3 fp16: same memory, -54 %% KL); a 3-bit "
                         "cache with an fp16 residual is 0.247x of fp16 with u8, 0.275x with fp16 "
@@ -194,11 +194,11 @@ def _add_policy_args(p) -> None:
                    help="storage of the sinks and the residual (the newest, not yet quantized "
                         "--block tokens): u8, 8-bit codes per token with an fp16 scale and zero per "
                         "--group channels (9 bits per element at group 32); u8h, the same per token "
-                        "and KV head (8.5 bits at head_dim 64); u8hr, u8h of the tokens rotated by a Hadamard "
-                        "matrix along head_dim, which keeps u8h's bytes at u8's accuracy; fp16. A 3-bit cache at W1024 is "
-                        "0.232x of fp16 with u8/u8, 0.230x with u8h and --meta u8s (+0.49 %% "
-                        "perplexity on SmolLM2, but 2 and 4 bits lose more: BENCHMARKS.md), 0.247x "
-                        "with an fp16 residual")
+                        "and KV head (8.5 bits at head_dim 64); u8hr, u8h of the tokens rotated by a "
+                        "Hadamard matrix along head_dim (needs a power-of-two head_dim), the same bytes "
+                        "as u8h at u8's accuracy; fp16. A 3-bit cache at W1024 is 0.232x of fp16 with "
+                        "u8/u8, 0.230x with u8hr and --meta u8s (SmolLM2: KL equal to u8/u8's at 3 "
+                        "and 4 bits, +4 %% at 2: BENCHMARKS.md), 0.247x with an fp16 residual")
 
 
 def _add_export(sub) -> None:
