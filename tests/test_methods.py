@@ -26,9 +26,11 @@ def _ids(n=90, seed=0):
     return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("rotation", ["none", "hadamard"])
-def test_uniform_codec_cache_equals_the_packed_cache(tiny_model, rotation):
-    policy = _policy(rotation=rotation)
+@pytest.mark.parametrize("rotation,residual", [("none", "fp16"), ("hadamard", "fp16"), ("hadamard", "u8"),
+                                               ("none", "u8hr"), ("hadamard", "u8hr")])
+def test_uniform_codec_cache_equals_the_packed_cache(tiny_model, rotation, residual):
+    """The method caches reuse the packed cache's sinks/residual (any storage) and rotation."""
+    policy = _policy(rotation=rotation).with_(residual=residual)
     ids = _ids()
     packed = ReferenceModel(tiny_model, policy)
     expect = packed.forward(ids, packed.new_cache())

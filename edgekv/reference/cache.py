@@ -45,7 +45,7 @@ class CompressedKVCache:
         if plain_rotated(policy.residual):
             from edgekv.rotation import hadamard
 
-            self._plain_h = torch.from_numpy(hadamard(shape.head_dim))
+            self._plain_h = torch.from_numpy(hadamard(shape.head_dim)).double()
         fb = policy.key_feedback  # query-aware key rounding (edgekv.key_feedback)
         self.key_feedback = None if fb is None else torch.from_numpy(fb.matrices.copy())
         self.n_sink = 0
@@ -106,16 +106,14 @@ class CompressedKVCache:
             return x
         d = x.shape[-1]
         g = self.policy.residual_group(d)
-        return self._unrotate(qt.dequantize_values(*qt.quantize_values(self._rotate(x), 8, g), 8, g, d))
+        return self._plain_rotate(qt.dequantize_values(*qt.quantize_values(self._plain_rotate(x), 8, g), 8, g, d))
 
-    # Both directions multiply in float64 and round to float32: the sums are then (nearly
-    # always) exact, so a token's codes and values do not depend on how many tokens one
-    # matmul took (chunked prefill == token by token; `read_back` == `plain`).
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self._plain_h is None else (x.double() @ self._plain_h.double()).float()
-
-    def _unrotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self._plain_h is None else (x.double() @ self._plain_h.double().T).float()
+    def _plain_rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ H for "u8hr" (H is symmetric: the same product rotates and un-rotates), in
+        float64 rounded to float32: the sums are then exact (at D 16 and 64; nearly always
+        at other D), so a token's codes and values do not depend on how many tokens one
+        matmul took (chunked prefill == token by token; `read_back` == `plain`)."""
+        return x if self._plain_h is None else (x.double() @ self._plain_h).float()
 
     def plain(self, layer: int, name: str, n: int) -> torch.Tensor:
         """The first n tokens of sink or residual buffer `name` ("sink_k", "residual_v", ...)
@@ -123,7 +121,7 @@ class CompressedKVCache:
         c = self.layers[layer]
         if self.policy.residual == "fp16":
             return c[name][:, :, :n].float()
-        return self._unrotate(qt.dequantize_values(
+        return self._plain_rotate(qt.dequantize_values(
             c[name][:, :, :n], c[f"{name}_scale"][:, :, :n], c[f"{name}_zero"][:, :, :n],
             8, self.policy.residual_group(self.shape.head_dim), self.shape.head_dim))
 
@@ -133,7 +131,7 @@ class CompressedKVCache:
             c[name][:, :, at:at + t] = x.to(torch.float16)
             return
         g = self.policy.residual_group(self.shape.head_dim)
-        for suffix, part in zip(("", "_scale", "_zero"), qt.quantize_values(self._rotate(x.to(torch.float16).float()), 8, g)):
+        for suffix, part in zip(("", "_scale", "_zero"), qt.quantize_values(self._plain_rotate(x.to(torch.float16).float()), 8, g)):
             c[f"{name}{suffix}"][:, :, at:at + t] = part
 
     # ---- reading -----------------------------------------------------------------------
