@@ -17,6 +17,8 @@ tokens are read back as:
     res8g64r   res8g64 after a Hadamard rotation along head_dim (undone when read), so one
                per-head scale is not spent on a few outlier channels
     bothr      res8g64r and sharedmeta
+    bothr-s8   bothr, but the sinks as shipped (8 bits, scale/zero per G channels)
+    bothr-s16  bothr, but the sinks in fp16
 
 The modes are simulated in the reference cache (the ring is written exactly as shipped;
 only what attention reads from the sinks/residual, or the ring's meta, changes), so the
@@ -36,7 +38,7 @@ from edgekv.reference import quant_torch as qt
 from edgekv.reference.cache import CompressedKVCache
 from edgekv.reference.model import ReferenceModel
 
-MODES = ("ringv", "ringv+1", "res6", "res8g64", "sharedmeta", "both", "res8g64r", "bothr")
+MODES = ("ringv", "ringv+1", "res6", "res8g64", "sharedmeta", "both", "res8g64r", "bothr", "bothr-s8", "bothr-s16")
 
 
 class RoundedCache(CompressedKVCache):
@@ -51,9 +53,13 @@ class RoundedCache(CompressedKVCache):
 
     def _round(self, part, side, layer, x):
         p, g, d = self.policy, self.policy.group, x.shape[-1]
-        if self.mode in ("res8g64", "both", "res8g64r", "bothr"):
+        if part == "sink" and self.mode == "bothr-s16":
+            return x
+        if part == "sink" and self.mode == "bothr-s8":
+            return qt.dequantize_values(*qt.quantize_values(x, 8, g)[:3], 8, g, d)
+        if self.mode in ("res8g64", "both", "res8g64r", "bothr", "bothr-s8", "bothr-s16"):
             g = d
-        if self.mode in ("res8g64r", "bothr"):
+        if self.mode in ("res8g64r", "bothr", "bothr-s8", "bothr-s16"):
             return qt.dequantize_values(*qt.quantize_values(x @ self.h, 8, g)[:3], 8, g, d) @ self.h.T
         if self.mode == "res6":
             return qt.dequantize_values(*qt.quantize_values(x, 6, g)[:3], 6, g, d)
@@ -85,7 +91,7 @@ class RoundedCache(CompressedKVCache):
         """The ring is written from the 8-bit residual as shipped; "u8s" modes share meta."""
         self._pushing = True
         encode = qt.encode_u8
-        if self.mode in ("sharedmeta", "both", "bothr"):
+        if self.mode in ("sharedmeta", "both") or self.mode.startswith("bothr"):
             qt.encode_u8 = lambda mn, mx, bits, axes, shared=None: _shared_per_head(encode, mn, mx, bits, axes)
         try:
             super()._push_block(layer)

@@ -28,8 +28,9 @@ METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)
 RESIDUALS = ("fp16", "u8", "u8h", "u8hr")
 # What `edgekv export`/`eval` store unless told otherwise (CachePolicy itself and a manifest
 # without these entries mean fp16, the formats before 8-bit storage existed).
-# u8s/u8h make --bits 3 0.2298x of fp16 at W1024 but cost 2 and 4 bits their goals
-# (BENCHMARKS.md "Shared block meta"), so they are options.
+# u8s/u8hr make --bits 3 0.2298x of fp16 at W1024 (KL equal to u8/u8 at 3 and 4 bits) but
+# leave 2 and 4 bits just past their perplexity goals (BENCHMARKS.md "A rotated
+# residual"), so they are options.
 DEFAULT_META, DEFAULT_RESIDUAL = "u8", "u8"
 
 

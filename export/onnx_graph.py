@@ -130,7 +130,7 @@ def build_decoder(model, policy: CachePolicy, tokens: int, context: int | None =
         new_kv = []
         for side, proj in (("k", "k_proj"), ("v", "v_proj")):
             names = plain_names(f"new.{i}.{side}", res)
-            stored = store_new(e, e.op("Cast", heads(proj, hkv), to=F16), res, rg, names)
+            stored = store_new(e, e.op("Cast", heads(proj, hkv), to=F16), res, rg, d, names)
             new_kv.append(read_plain(e, stored, res, rg, d))
             new_outputs += [helper.make_tensor_value_info(n, dt, [1, hkv, t, d if n == names[0] else d // rg])
                             for n, dt in zip(names, plain_types(res))]

@@ -22,14 +22,14 @@ def plain_types(residual: str) -> tuple[int, ...]:
     return (F16,) if residual == "fp16" else (U8, F16, F16)
 
 
-def store_new(e: Emitter, x16: str, residual: str, group: int, out: list[str]) -> list[str]:
+def store_new(e: Emitter, x16: str, residual: str, group: int, head_dim: int, out: list[str]) -> list[str]:
     """New K or V fp16 [1,H,T,D] -> the tensors the runtime writes into the sinks or the
     residual, named `out` (graph outputs)."""
     if residual == "fp16":
         return [e.op("Identity", x16, out=out[0])]
     x = e.op("Cast", x16, to=F32)
-    if plain_rotated(residual):  # per-head groups: group is head_dim
-        x = _rotate(e, x, group)
+    if plain_rotated(residual):
+        x = _rotate(e, x, head_dim)
     g = e.op("Reshape", x, e.i64(0, 0, 0, -1, group))
     codes, scale, zero = _quantize(e, g, 4, 8)
     return [e.op("Reshape", codes, e.i64(0, 0, 0, -1), out=out[0]),

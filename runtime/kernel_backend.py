@@ -12,7 +12,7 @@ sinks/residual (the kernel's contract; CacheState.append rewrites the same value
 the step): every part the segment outputs, `new.{i}.k` and with an 8-bit residual also
 `new.{i}.k_scale`, `new.{i}.k_zero` (and v's), as the sinks/residual store them. It then
 rotates the query with RoPE at the new position, and calls `decode_k{bk}_v{bv}` (`_gv{G}`
-for a layer's own value group, `_r8` for an 8-bit residual) on CacheState's buffers
+for a layer's own value group, `_r8`/`_r8h`/`_r8hr` for an 8-bit residual) on CacheState's buffers
 (zero-copy views made once at load). Prefill chunks and block packing run the bundle's
 prefill.onnx and pack.onnx as in OrtBackend.
 

@@ -4,8 +4,9 @@ against one layer's cache in storage order [sinks S | ring `slots` x B, b-bit | 
 Inputs (batch 1, the buffers exactly as CachePolicy.layer_tensors lists them):
   q [1,Hq,C,D] f32, already rotated (RoPE at its position), not yet scaled;
   sink_k, sink_v [1,H,S,D] f16; residual_k, residual_v [1,H,B,D] f16; with an 8-bit
-  residual (p.residual "u8") each is u8 codes followed by its _scale and _zero
-  [1,H,T,D/G] f16, dequantized in fp32 where fp16 is widened (pack.plain_input);
+  residual (p.residual "u8", "u8h", "u8hr") each is u8 codes followed by its _scale and
+  _zero [1,H,T,D/G] f16 ([1,H,T,1] per head), dequantized in fp32 where fp16 is widened
+  ("u8hr": then un-rotated in float64, hadamard_te) (pack.plain_input);
   ring keys: codes [1,H,N,D,B*bk/8] u8 + scale/zero [1,H,N,D] f16 (or ring_k [1,H,N,B,D] f16);
   ring values: codes [1,H,N*B,D*bv/8] u8 + scale/zero [1,H,N*B,D/Gv] f16 (Gv: p.group_v)
   (or ring_v f16);
@@ -33,6 +34,7 @@ import math
 from tvm import te, tirx
 
 from edgekv.meta_u8 import is_u8, meta_heads
+from edgekv.tvm_kernels import hadamard_te
 from edgekv.tvm_kernels.pack import plain_input
 from edgekv.tvm_kernels.params import AttnParams
 
@@ -79,49 +81,6 @@ def _exp(x):
     return y * tirx.reinterpret(F32, bits)
 
 
-def _butterfly(x, shape, idx, set_idx, bit: int, scale: float | None, name: str):
-    """One radix-2 stage of the fast Walsh-Hadamard transform along a channel index:
-    (a, b) -> (a + b, a - b) for the channel pairs that differ in `bit`. `idx` reads the
-    channel index from the loop variables, `set_idx` builds the loop variables with another
-    channel. log2(D) stages give x times the unnormalised Sylvester matrix (D log D adds
-    instead of the D x D matmul); `scale` (1/sqrt(D)) goes on the last stage."""
-    def f(*v):
-        c = idx(*v)
-        lo = tirx.floordiv(c, 2 * bit) * (2 * bit) + tirx.floormod(c, bit)
-        a, b = x[set_idx(v, lo)], x[set_idx(v, lo + bit)]
-        y = tirx.Select(tirx.floormod(tirx.floordiv(c, bit), 2) == 0, a + b, a - b)
-        return y * tirx.const(scale, F32) if scale is not None else y
-    return te.compute(shape, f, name=name)
-
-
-def _unrotate(x, shape, idx, set_idx, d: int, name: str):
-    """x times the orthonormal Hadamard matrix along the channel index (H is symmetric and
-    its own inverse, so this un-rotates what the pack step rotated)."""
-    bit, stage = 1, 0
-    while bit < d:
-        last = bit * 2 == d
-        x = _butterfly(x, shape, idx, set_idx, bit, 1.0 / math.sqrt(d) if last else None, f"{name}{stage}")
-        bit, stage = bit * 2, stage + 1
-    return x
-
-
-def _unrotate_dense(x, shape, idx, set_idx, d: int, name: str):
-    """The same product as `_unrotate`, as one reduction over the D channels with the
-    Sylvester sign (-1)^popcount(c & j) computed from the indices. GPU targets take this
-    form: dlight inlines every spatial stage, and inlining the log2(D) butterfly stages
-    (each reads the previous one twice) blows up into an expression TVM never finishes
-    simplifying; a reduction is not inlined."""
-    j = te.reduce_axis((0, d), name=f"{name}_j")
-    bits = d.bit_length() - 1
-
-    def f(*v):
-        both = tirx.bitwise_and(idx(*v), j)
-        parity = sum(tirx.bitwise_and(tirx.shift_right(both, k), 1) for k in range(bits))
-        sign = (1 - 2 * tirx.floormod(parity, 2)).astype(F32)
-        return te.sum(x[set_idx(v, j)] * sign * tirx.const(1.0 / math.sqrt(d), F32), axis=j)
-    return te.compute(shape, f, name=name)
-
-
 def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]:
     """dense_rotation: un-rotate by a D-wide reduction instead of butterfly stages (GPUs)."""
     hq, h, d, s, n, b, g, c = p.num_heads, p.num_kv_heads, p.head_dim, p.sinks, p.slots, p.block, p.group, p.chunk
@@ -132,10 +91,11 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
 
     q = te.placeholder((1, hq, c, d), F32, name="q")
     # sinks/residual: placeholders and fp32 loaders of element (head, token, channel)
+    # (the un-rotation form: butterfly stages on CPUs, one D-wide reduction on GPUs, hadamard_te)
+    unrotate = hadamard_te.dense if dense_rotation else hadamard_te.butterfly
     (sink_k, load_sk), (sink_v, load_sv), (res_k, load_rk), (res_v, load_rv) = (
-        plain_input(f"{part}_{side}", (1, h, t, d), g, p.residual) for part, t in (("sink", s), ("residual", b))
-        for side in "kv")
-    unrotate = _unrotate_dense if dense_rotation else _unrotate
+        plain_input(f"{part}_{side}", (1, h, t, d), g, p.residual, unrotate)
+        for part, t in (("sink", s), ("residual", b)) for side in "kv")
     u8 = is_u8(p.meta)
     hm = meta_heads(p.meta, h)
     md = U8 if u8 else F16

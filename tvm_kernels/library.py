@@ -4,7 +4,8 @@ device's target (cross-compiled where the host is not the device) and exported.
 Function names are stable so a loader finds them from the policy alone (`kernel_names`):
   pack_k_b{bits}, pack_v_b{bits}        one residual block -> ring slot
   decode_k{bk}_v{bv}, prefill_k{bk}_v{bv}  attention (one query / one prefill chunk)
-each with the suffix `_r8` for an 8-bit sink/residual (policy.residual "u8"), whose
+each with the suffix `_r8`, `_r8h` or `_r8hr` for an 8-bit sink/residual (policy.residual
+"u8", "u8h", "u8hr"; edgekv.policy.residual_suffix), whose
 kernels take other buffers, and after the widths `_gv{G}` for ring values grouped by a
 value group other than policy.group (policy.groups_v; params.group_suffix).
 """

@@ -15,20 +15,20 @@ nearbyint (half to even) rather than round (half away from zero).
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import te, tirx
 
 from edgekv.policy import plain_group, plain_names, plain_rotated
+from edgekv.tvm_kernels import hadamard_te
 from edgekv.tvm_kernels.params import PackParams
 
 F32, F16, U8, F64 = "float32", "float16", "uint8", "float64"
 
 
-def plain_input(name: str, shape: tuple, group: int, residual: str):
+def plain_input(name: str, shape: tuple, group: int, residual: str, unrotate=hadamard_te.dense):
     """Placeholders of a sink/residual buffer [..., D] (CachePolicy.plain_tensors) and a
     loader of its element at an index as fp32: the fp16 value, or with an 8-bit residual
     code * scale + zero of the channel's group (`group`, or the head with "u8h"; "u8hr" then
-    un-rotates, `_unrotated`). An 8-bit code times an fp16 scale is exact
+    un-rotates, `_unrotated`, in the form `unrotate` of edgekv.tvm_kernels.hadamard_te). An 8-bit code times an fp16 scale is exact
     in fp32, so a fused multiply-add rounds to the reference's value too."""
     names = plain_names(name, residual)
     if residual == "fp16":
@@ -42,27 +42,17 @@ def plain_input(name: str, shape: tuple, group: int, residual: str):
         at = (*ix[:-1], ix[-1] // group)
         return x[ix].astype(F32) * sc[at].astype(F32) + z[at].astype(F32)
     if plain_rotated(residual):
-        return [x, sc, z], _unrotated(load, shape, name)
+        return [x, sc, z], _unrotated(load, shape, name, unrotate)
     return [x, sc, z], load
 
 
-def _unrotated(load, shape: tuple, name: str):
-    """Loader of (dequantized) @ H for residual "u8hr": one D-wide reduction per element with
-    the Sylvester sign (-1)^popcount(j & c), summed in float64 and rounded to fp32, as the
-    reference cache multiplies (so pack stays bit exact). H's entries are edgekv.rotation's
-    float32 1/sqrt(D)."""
-    d = shape[-1]
-    j = te.reduce_axis((0, d), name=f"{name}_j")
-    amp = float(np.float32(1.0 / np.sqrt(d)))
-
-    def f(*ix):
-        both = tirx.bitwise_and(ix[-1], j)
-        parity = sum(tirx.bitwise_and(tirx.shift_right(both, k), 1) for k in range(d.bit_length() - 1))
-        h = tirx.Select(tirx.floormod(parity, 2) == 0, tirx.const(amp, F64), tirx.const(-amp, F64))
-        return te.sum(load(*ix[:-1], j).astype(F64) * h, axis=j)
-    x = te.compute(shape, f, name=f"{name}_unrot")
-    y = te.compute(shape, lambda *ix: x[ix].astype(F32), name=f"{name}_unrot32")
-    return lambda *ix: y[ix]
+def _unrotated(load, shape: tuple, name: str, unrotate):
+    """Loader of (dequantized) @ H for residual "u8hr", multiplied in float64 and rounded
+    to fp32 as the reference cache does (so pack stays bit exact)."""
+    x = te.compute(shape, lambda *ix: load(*ix).astype(F64), name=f"{name}_f64")
+    y = unrotate(x, shape, lambda *v: v[-1], lambda v, c: (*v[:-1], c), shape[-1], f"{name}_unrot", F64)
+    y32 = te.compute(shape, lambda *ix: y[ix].astype(F32), name=f"{name}_unrot32")
+    return lambda *ix: y32[ix]
 
 
 def _codes(x, scale, zero, levels: int):

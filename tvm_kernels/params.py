@@ -10,15 +10,18 @@ from dataclasses import dataclass
 
 from edgekv.meta_u8 import META_FORMATS, meta_suffix
 from edgekv.packing import PACKED_BITS
-from edgekv.policy import RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names, residual_suffix
+from edgekv.policy import (RESIDUALS, SUPPORTED_BITS, CachePolicy, KVShape, layer_buffer_names, plain_rotated,
+                           residual_suffix)
 
 PACK_BITS = PACKED_BITS
 ATTN_BITS = SUPPORTED_BITS  # 16: an fp16 ring
 
 
-def _check_residual(residual: str) -> None:
+def _check_residual(residual: str, head_dim: int) -> None:
     if residual not in RESIDUALS:
         raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    if plain_rotated(residual) and head_dim & (head_dim - 1):
+        raise ValueError(f"residual {residual!r} needs a power-of-two head_dim, got {head_dim}")
 
 
 def _check_group(head_dim: int, group: int, what: str) -> None:
@@ -46,7 +49,7 @@ class PackParams:
     group_v: int | None = None  # value group (policy.value_group); None: `group`
 
     def __post_init__(self) -> None:
-        _check_residual(self.residual)
+        _check_residual(self.residual, self.head_dim)
         if self.bits not in PACK_BITS:
             raise ValueError(f"pack supports bits {PACK_BITS}, got {self.bits}")
         if self.block % 8:
@@ -83,7 +86,7 @@ class AttnParams:
     group_v: int | None = None  # ring value group (policy.value_group); None: `group`
 
     def __post_init__(self) -> None:
-        _check_residual(self.residual)
+        _check_residual(self.residual, self.head_dim)
         if self.group_v is None:
             object.__setattr__(self, "group_v", self.group)
         if self.meta not in META_FORMATS:
