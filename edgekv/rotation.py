@@ -11,6 +11,8 @@ measured in BENCHMARKS.md.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -22,3 +24,17 @@ def hadamard(n: int) -> np.ndarray:
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
     return (h / np.sqrt(n)).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _hadamard64(n: int) -> np.ndarray:
+    h = hadamard(n).astype(np.float64)  # the float32 entries, exactly
+    h.flags.writeable = False  # shared by every caller
+    return h
+
+
+def rotate_exact(x: np.ndarray) -> np.ndarray:
+    """x @ H along the last axis, multiplied in float64 and rounded to float32: how every
+    backend rotates and un-rotates residual "u8hr" sinks/residual (H is symmetric, so one
+    product does both; the float64 sums are exact, so the result does not depend on x's shape)."""
+    return (np.asarray(x).astype(np.float64) @ _hadamard64(x.shape[-1])).astype(np.float32)

@@ -60,9 +60,9 @@ def plain_float(policy: CachePolicy, arrays: Mapping[str, np.ndarray], name: str
     q = Quantized(codes, arrays[f"{name}_scale"], arrays[f"{name}_zero"], None)
     x = dequantize_values(q, 8, policy.residual_group(d), d)
     if plain_rotated(policy.residual):
-        from edgekv.rotation import hadamard
+        from edgekv.rotation import rotate_exact
 
-        x = (x.astype(np.float64) @ hadamard(d).astype(np.float64)).astype(np.float32)
+        x = rotate_exact(x)
     return x
 
 

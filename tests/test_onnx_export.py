@@ -12,6 +12,7 @@ from edgekv.packing import pack, unpack
 from edgekv.export.onnx_pack import build_pack
 from edgekv.policy import CachePolicy, KVShape, residual_suffix
 from edgekv.reference.model import ReferenceModel, kv_shape
+from edgekv.rotation import rotate_exact
 from onnx_driver import OnnxDriver, session
 
 # fp32 onnxruntime vs torch: summation order only (seen ~5e-5 on the tiny model); a
@@ -282,8 +283,7 @@ def test_pack_reads_an_8_bit_residual_bit_exactly(rotation, residual, rg):
             x = quant.dequantize_values(quant.Quantized(feeds[side], feeds[f"{side}_scale"], feeds[f"{side}_zero"],
                                                         None), 8, rg, 16)
             if residual == "u8hr":
-                h64 = __import__("edgekv.rotation", fromlist=["hadamard"]).hadamard(16).astype(np.float64)
-                x = (x.astype(np.float64) @ h64).astype(np.float32)
+                x = rotate_exact(x)
             x = x if h is None else x @ h
             for b in widths:
                 q = quant.quantize_keys(x, b, "u8") if side == "k" else quant.quantize_values(x, b, 8, "u8")

@@ -5,7 +5,7 @@ import torch
 from edgekv import quant
 from edgekv.policy import CachePolicy, KVShape
 from edgekv.reference.cache import CompressedKVCache
-from edgekv.rotation import hadamard
+from edgekv.rotation import rotate_exact
 
 SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=16)
 
@@ -71,10 +71,8 @@ def test_u8_residual_stores_sinks_and_residual_as_8_bit_codes(bits, residual, rg
     _feed(cache, kv, 3)
     k, _ = cache.view(1)
 
-    h = hadamard(16).astype(np.float64)
-
     def rot(x):  # "u8hr": x @ H in float64, rounded to float32, as every backend does
-        return (x.astype(np.float64) @ h).astype(np.float32) if residual == "u8hr" else x
+        return rotate_exact(x) if residual == "u8hr" else x
 
     def u8(x):
         return rot(quant.dequantize_values(quant.quantize_values(rot(x.numpy()), 8, rg), 8, rg, 16))

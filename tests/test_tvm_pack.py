@@ -8,7 +8,7 @@ tvm = pytest.importorskip("tvm")
 
 from edgekv import quant  # noqa: E402
 from edgekv.policy import plain_group  # noqa: E402
-from edgekv.rotation import hadamard  # noqa: E402
+from edgekv.rotation import rotate_exact  # noqa: E402
 from edgekv.tvm_kernels.build import build_pack  # noqa: E402
 from edgekv.tvm_kernels.params import PackParams  # noqa: E402
 from edgekv.tvm_kernels.targets import host_target  # noqa: E402
@@ -34,9 +34,8 @@ def _residual(x: np.ndarray, p: PackParams) -> tuple[list[np.ndarray], np.ndarra
         q = quant.quantize_values(x, 8, g)
         return list(q[:3]), quant.dequantize_values(q, 8, g, p.head_dim)
     # "u8hr": the codes are of x @ H; the block is their dequantized values @ H in float64
-    h = hadamard(p.head_dim).astype(np.float64)
-    q = quant.quantize_values((x.astype(np.float64) @ h).astype(np.float32), 8, g)
-    return list(q[:3]), (quant.dequantize_values(q, 8, g, p.head_dim).astype(np.float64) @ h).astype(np.float32)
+    q = quant.quantize_values(rotate_exact(x), 8, g)
+    return list(q[:3]), rotate_exact(quant.dequantize_values(q, 8, g, p.head_dim))
 
 
 @pytest.mark.parametrize("residual", ["fp16", "u8", "u8h", "u8hr"])
