@@ -39,6 +39,13 @@ from edgekv.reference.cache import CompressedKVCache
 from edgekv.reference.model import ReferenceModel
 
 MODES = ("ringv", "ringv+1", "res6", "res8g64", "sharedmeta", "both", "res8g64r", "bothr", "bothr-s8", "bothr-s16")
+ROTATED = {"res8g64r", "bothr", "bothr-s8", "bothr-s16"}  # the sinks/residual rounded after x @ H
+PER_HEAD = {"res8g64", "both"} | ROTATED  # one scale/zero per token and head
+SHARED_META = {"sharedmeta", "both", "bothr", "bothr-s8", "bothr-s16"}
+
+
+def _rounded(x, bits, group, d):
+    return qt.dequantize_values(*qt.quantize_values(x, bits, group)[:3], bits, group, d)
 
 
 class RoundedCache(CompressedKVCache):
@@ -56,13 +63,13 @@ class RoundedCache(CompressedKVCache):
         if part == "sink" and self.mode == "bothr-s16":
             return x
         if part == "sink" and self.mode == "bothr-s8":
-            return qt.dequantize_values(*qt.quantize_values(x, 8, g)[:3], 8, g, d)
-        if self.mode in ("res8g64", "both", "res8g64r", "bothr", "bothr-s8", "bothr-s16"):
+            return _rounded(x, 8, g, d)
+        if self.mode in PER_HEAD:
             g = d
-        if self.mode in ("res8g64r", "bothr", "bothr-s8", "bothr-s16"):
-            return qt.dequantize_values(*qt.quantize_values(x @ self.h, 8, g)[:3], 8, g, d) @ self.h.T
+        if self.mode in ROTATED:
+            return _rounded(x @ self.h, 8, g, d) @ self.h.T
         if self.mode == "res6":
-            return qt.dequantize_values(*qt.quantize_values(x, 6, g)[:3], 6, g, d)
+            return _rounded(x, 6, g, d)
         if self.mode.startswith("ringv") and part == "residual" and side == "v" and not self._pushing:
             bv = p.bits_v[layer]
             bv = {2: 3, 3: 4, 4: 5, 5: 6}.get(bv, bv) if self.mode == "ringv+1" else bv
@@ -71,7 +78,7 @@ class RoundedCache(CompressedKVCache):
             gv = p.value_group(layer)
             q = qt.quantize_values(x @ self.h, bv, gv, "fp16", p.clip_ratio("v", bv))
             return qt.dequantize_values(*q[:3], bv, gv, d) @ self.h.T
-        return qt.dequantize_values(*qt.quantize_values(x, 8, g)[:3], 8, g, d)
+        return _rounded(x, 8, g, d)
 
     def view(self, layer):
         self._layer, self._side = layer, 0
@@ -91,7 +98,7 @@ class RoundedCache(CompressedKVCache):
         """The ring is written from the 8-bit residual as shipped; "u8s" modes share meta."""
         self._pushing = True
         encode = qt.encode_u8
-        if self.mode in ("sharedmeta", "both") or self.mode.startswith("bothr"):
+        if self.mode in SHARED_META:
             qt.encode_u8 = lambda mn, mx, bits, axes, shared=None: _shared_per_head(encode, mn, mx, bits, axes)
         try:
             super()._push_block(layer)
