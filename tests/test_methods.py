@@ -1,5 +1,6 @@
 """Accuracy methods (edgekv.methods) against the reference cache and plain references."""
 
+import math
 import pytest
 import torch
 
@@ -144,6 +145,10 @@ def test_divergence_is_zero_for_the_same_cache_and_matches_perplexity(tiny_model
     assert d.kl > 1e-4
     assert d.ppl_test == pytest.approx(perplexity(q, ids, sequences=2).ppl, rel=1e-5)
     assert d.ppl_reference == pytest.approx(perplexity(fp, ids, sequences=2).ppl, rel=1e-5)
+    # one block per (chunk, sequence), whose sums make up the delta
+    assert d.block_tokens == [40, 40, 24, 24] and sum(d.block_tokens) == d.tokens_scored
+    assert 100 * math.expm1(sum(d.block_delta_nll) / d.tokens_scored) == pytest.approx(d.delta_pct, rel=1e-5)
+    assert d.delta_pct_se > 0 and same.delta_pct_se == 0.0
 
 
 def test_salient_tokens_are_kept_exactly_and_chosen_by_attention(tiny_model):

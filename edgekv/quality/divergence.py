@@ -6,13 +6,20 @@ moves by as much as the methods being compared (BENCHMARKS.md, "accuracy methods
 mean KL(p_fp16 || p_cache) over the same tokens counts every change in the distribution as
 damage, so it ranks close settings far more stably (llama.cpp's quantization reports use
 it for the same reason). Both models run in lockstep over the same chunks.
+
+How large that luck is gets measured too: every (chunk, sequence) block's summed NLL
+difference is kept, and the standard error of Δppl comes from those block means (batch
+means: blocks of `step` tokens are treated as independent draws, which they nearly are,
+since a token's loss depends mostly on its own text). Two settings scored against the same
+fp16 cache on the same tokens can be compared pairwise from their blocks (`paired_se_pct`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from edgekv.quality.perplexity import scored_chunks
@@ -25,10 +32,45 @@ class DivergenceResult:
     ppl_reference: float
     ppl_test: float
     tokens_scored: int
+    block_delta_nll: list[float] = field(default_factory=list)  # per block: sum of NLL(test) - NLL(ref)
+    block_tokens: list[int] = field(default_factory=list)  # per block: tokens scored
 
     @property
     def delta_pct(self) -> float:
         return 100.0 * (self.ppl_test / self.ppl_reference - 1.0)
+
+    @property
+    def delta_pct_se(self) -> float:
+        """Standard error of `delta_pct` in percentage points (batch means over the blocks)."""
+        return delta_pct_se(self.block_delta_nll, self.block_tokens)
+
+
+def delta_pct_se(block_delta_nll: list[float], block_tokens: list[int]) -> float:
+    """Standard error, in percentage points, of 100 (exp(mean ΔNLL) - 1) where the mean is
+    the ratio of the block sums to the block token counts (delta method on both)."""
+    d = np.asarray(block_delta_nll, dtype=np.float64)
+    n = np.asarray(block_tokens, dtype=np.float64)
+    if len(d) < 2:
+        return float("nan")
+    mean = d.sum() / n.sum()
+    var = len(d) / (len(d) - 1) * float(((d - mean * n) ** 2).sum()) / n.sum() ** 2
+    return 100.0 * math.exp(mean) * math.sqrt(var)
+
+
+def paired_se_pct(a: DivergenceResult | dict, b: DivergenceResult | dict) -> float:
+    """Standard error of delta_pct(a) - delta_pct(b) for two settings scored on the same
+    blocks against the same reference: the shared part of their luck cancels."""
+    get = (lambda r, k: r[k]) if isinstance(a, dict) else getattr
+    ta, tb = get(a, "block_tokens"), get(b, "block_tokens")
+    if list(ta) != list(tb):
+        raise ValueError("the two results were not scored on the same blocks")
+    da = np.asarray(get(a, "block_delta_nll"), dtype=np.float64)
+    db = np.asarray(get(b, "block_delta_nll"), dtype=np.float64)
+    n = np.asarray(ta, dtype=np.float64)
+    ma, mb = da.sum() / n.sum(), db.sum() / n.sum()
+    # the difference of the two Δppl, linearised: exp(ma) da - exp(mb) db per block
+    z = math.exp(ma) * (da - ma * n) - math.exp(mb) * (db - mb * n)
+    return 100.0 * math.sqrt(len(z) / (len(z) - 1) * float((z ** 2).sum())) / n.sum()
 
 
 def divergence(reference: ReferenceModel, test: ReferenceModel, ids: list[int], sequences: int = 1,
@@ -46,18 +88,24 @@ def divergences(reference: ReferenceModel, tests: list[ReferenceModel], ids: lis
     caches = [m.new_cache(batch=sequences, context=n) for m in tests]
     kl = [0.0] * len(tests)
     nll = [0.0] * len(tests)
+    blocks: list[list[float]] = [[] for _ in tests]
+    block_tokens: list[int] = []
     nll_ref, count = 0.0, 0
     for chunk, targets in scored_chunks(ids, sequences, step):
         targets = targets.unsqueeze(-1)
         lp_ref = torch.log_softmax(reference.forward(chunk, ref_cache)[:, : targets.shape[1]], -1)
-        nll_ref -= float(lp_ref.gather(-1, targets).sum())
+        tok_ref = lp_ref.gather(-1, targets)[..., 0].double()  # [S, T]
+        nll_ref -= float(tok_ref.sum())
         p_ref = lp_ref.exp()
         for i, (m, c) in enumerate(zip(tests, caches)):
             lp = torch.log_softmax(m.forward(chunk, c)[:, : targets.shape[1]], -1)
             kl[i] += float((p_ref * (lp_ref - lp)).sum())
-            nll[i] -= float(lp.gather(-1, targets).sum())
+            tok = lp.gather(-1, targets)[..., 0].double()
+            nll[i] -= float(tok.sum())
+            blocks[i] += (tok_ref - tok).sum(1).tolist()  # one block per sequence
+        block_tokens += [targets.shape[1]] * targets.shape[0]
         count += targets.numel()
         if progress is not None:
             progress(chunk.shape[1] * len(tests))
-    return [DivergenceResult(k / count, math.exp(nll_ref / count), math.exp(v / count), count)
-            for k, v in zip(kl, nll)]
+    return [DivergenceResult(k / count, math.exp(nll_ref / count), math.exp(v / count), count, b,
+                             list(block_tokens)) for k, v, b in zip(kl, nll, blocks)]

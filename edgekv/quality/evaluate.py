@@ -83,6 +83,9 @@ class EvalRow:
     bits_per_element: float = 16.0  # ring bits per element, scale/zero included
     predicted_delta_pct: float | None = None  # calibration's prediction (when calibrated)
     kl: float | None = None  # mean KL(fp16 cache || this cache), nats/token (quantized rows)
+    delta_pct_se: float | None = None  # standard error of delta_pct, points (quantized rows)
+    block_delta_nll: list = field(default_factory=list)  # per scored block: sum of NLL - fp16's NLL
+    block_tokens: list = field(default_factory=list)  # per scored block: tokens (divergence.py)
     clip: list = field(default_factory=list)  # (side, width, ratio) range clipping (policy.clip)
     key_rounding: str = "nearest"  # or "feedback" (policy.key_feedback)
     groups_v: list = field(default_factory=list)  # per-layer value groups (policy.groups_v; []: all `group`)
@@ -115,7 +118,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             run_eval.calibration[s.label] = sens_used.meta
         ref = ReferenceModel(model, policy)
         t0 = time.perf_counter()
-        kl = None
+        kl, d = None, None
         if policy.average_bits() < 16:  # in lockstep with the fp16 cache of the same geometry
             fp16 = ReferenceModel(model, policy.fp16_equivalent())
             d = divergence(fp16, ref, ids, sequences=sequences, progress=progress)
@@ -142,7 +145,10 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
             bits_per_element=policy.bits_per_element(shape), predicted_delta_pct=predicted, kl=kl,
             clip=[list(c) for c in policy.clip],
             key_rounding="nearest" if policy.key_feedback is None else "feedback",
-            groups_v=list(policy.groups_v)))
+            groups_v=list(policy.groups_v),
+            delta_pct_se=None if d is None else d.delta_pct_se,
+            block_delta_nll=[] if d is None else d.block_delta_nll,
+            block_tokens=[] if d is None else d.block_tokens))
         done.append((s, policy))
     # The calibration's prediction for uniform rows too, to check it against the truth (only
     # where they quantize as it was measured: same ratios, same key rounding).

@@ -46,12 +46,19 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _delta(r: dict) -> str:
+    if r["delta_pct"] is None:
+        return "-"
+    se = r.get("delta_pct_se")
+    return f"{r['delta_pct']:+.2f}%" + ("" if se is None else f" ±{se:.2f}")
+
+
 def eval_table(rows: list[dict], model: str, source: str) -> None:
     t = Table(title=f"edgekv eval: {model}\ntext: {source}")
     for col in ("setting", "ppl", "Δppl", "KL", "passkey", "B/token", "×fp16", "KV MiB", "s"):
         t.add_column(col, justify="right" if col != "setting" else "left")
     for r in rows:
-        t.add_row(r["setting"], f"{r['ppl']:.3f}", _fmt(r["delta_pct"], "+.2f") + ("%" if r["delta_pct"] is not None else ""),
+        t.add_row(r["setting"], f"{r['ppl']:.3f}", _delta(r),
                   _fmt(r.get("kl"), ".4f"),
                   _fmt(r["passkey_pct"], ".0f") + ("%" if r["passkey_pct"] is not None else ""),
                   f"{r['kv_bytes_per_token']:.0f}", f"{r['fp16_ratio']:.3f}",
@@ -60,7 +67,8 @@ def eval_table(rows: list[dict], model: str, source: str) -> None:
     if not console.is_terminal:  # piped or logged: wide enough that rows do not wrap
         console = Console(width=140)
     console.print(t)
-    console.print("Δppl: vs the fp16 cache with the same window. KL: mean KL divergence of the "
+    console.print("Δppl: vs the fp16 cache with the same window, ± its standard error (batch "
+                  "means over 256-token blocks: how much of it is the luck of this text). KL: mean KL divergence of the "
                     "next-token distributions from that fp16 cache's, nats/token (steadier than "
                     "Δppl for close settings). B/token: bytes one more "
                     "window token costs, all layers, scales included. KV MiB: whole cache at "
