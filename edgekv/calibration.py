@@ -328,14 +328,15 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
     # every candidate layout quantizes as it was measured
     base = base.with_(clip=sens.clip, key_feedback=sens.key_feedback)
     fine_cost = base.scale_zero_bits(base.group) - base.scale_zero_bits(sens.coarse_group or base.group)
-    alloc = allocate(sens, target, base.group, fine_cost)
-    policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v, groups_v=alloc.groups_v)
-    selection = None
+    policy, selection = None, None
     if select:  # on the calibration tokens after the ones the sensitivities used
         used = sens.meta.get("tokens", 0)
         held_out = calibration_ids(tokenizer, used + SELECTION_TOKENS)[used:]
-        if len(held_out) >= 2 * base.block:
+        if len(held_out) >= 2 * base.block:  # the plain allocation is one of its candidates
             _, policy, selection = select_layout(model, held_out, sens, base, target, fine_cost)
+    if policy is None:
+        alloc = allocate(sens, target, base.group, fine_cost)
+        policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v, groups_v=alloc.groups_v)
     in_use = {"k": set(policy.bits_k), "v": set(policy.bits_v)}  # ratios only for widths in use
     policy = policy.with_(clip=tuple(c for c in policy.clip if c[1] in in_use[c[0]]))
     shape = kv_shape(model.config)
