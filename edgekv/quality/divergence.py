@@ -48,13 +48,23 @@ class DivergenceResult:
 def delta_pct_se(block_delta_nll: list[float], block_tokens: list[int]) -> float:
     """Standard error, in percentage points, of 100 (exp(mean ΔNLL) - 1) where the mean is
     the ratio of the block sums to the block token counts (delta method on both)."""
+    if len(block_tokens) < 2:
+        return float("nan")
+    return _batch_se(_linearised(block_delta_nll, block_tokens), block_tokens)
+
+
+def _linearised(block_delta_nll, block_tokens) -> np.ndarray:
+    """Each block's contribution to 100 (exp(mean ΔNLL) - 1), linearised about the mean
+    (the delta method), before dividing by the total token count."""
     d = np.asarray(block_delta_nll, dtype=np.float64)
     n = np.asarray(block_tokens, dtype=np.float64)
-    if len(d) < 2:
-        return float("nan")
     mean = d.sum() / n.sum()
-    var = len(d) / (len(d) - 1) * float(((d - mean * n) ** 2).sum()) / n.sum() ** 2
-    return 100.0 * math.exp(mean) * math.sqrt(var)
+    return math.exp(mean) * (d - mean * n)
+
+
+def _batch_se(z: np.ndarray, block_tokens) -> float:
+    """Batch-means standard error, in points, of a sum of per-block terms `z` over the tokens."""
+    return 100.0 * math.sqrt(len(z) / (len(z) - 1) * float((z ** 2).sum())) / float(np.sum(block_tokens))
 
 
 def paired_se_pct(a: DivergenceResult | dict, b: DivergenceResult | dict) -> float:
@@ -64,13 +74,7 @@ def paired_se_pct(a: DivergenceResult | dict, b: DivergenceResult | dict) -> flo
     ta, tb = get(a, "block_tokens"), get(b, "block_tokens")
     if list(ta) != list(tb):
         raise ValueError("the two results were not scored on the same blocks")
-    da = np.asarray(get(a, "block_delta_nll"), dtype=np.float64)
-    db = np.asarray(get(b, "block_delta_nll"), dtype=np.float64)
-    n = np.asarray(ta, dtype=np.float64)
-    ma, mb = da.sum() / n.sum(), db.sum() / n.sum()
-    # the difference of the two Δppl, linearised: exp(ma) da - exp(mb) db per block
-    z = math.exp(ma) * (da - ma * n) - math.exp(mb) * (db - mb * n)
-    return 100.0 * math.sqrt(len(z) / (len(z) - 1) * float((z ** 2).sum())) / n.sum()
+    return _batch_se(_linearised(get(a, "block_delta_nll"), ta) - _linearised(get(b, "block_delta_nll"), tb), ta)
 
 
 def divergence(reference: ReferenceModel, test: ReferenceModel, ids: list[int], sequences: int = 1,
