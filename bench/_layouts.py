@@ -112,3 +112,35 @@ def print_table(rows: list[dict], lead, tail=()) -> None:
     print("|" + "|".join(a for _, a, _ in cols) + "|")
     for r in rows:
         print("| " + " | ".join(cell(r) for _, _, cell in cols) + " |")
+
+
+def score_modes(args, variant) -> None:
+    """The reading-side simulations (residual_precision.py, key_axis.py): for each target
+    width, the shipped calibrated layout and `variant(model, policy, mode)` for each of
+    args.modes, scored in lockstep with the fp16 cache, printed and written to args.json."""
+    from edgekv.calibration import calibrated_policy, measure
+    from edgekv.policy import CachePolicy
+    from edgekv.quality.divergence import divergences
+    from edgekv.reference.model import ReferenceModel
+
+    loaded, shape, ids, geometry, base = shipped(args)
+    model, tok = loaded.model, loaded.tokenizer
+    sens = measure(model, tok, base)
+    tests, names = [], []
+    for target in targets(args):
+        policy, _ = calibrated_policy(model, tok, base, target, sens=sens)
+        tests.append(ReferenceModel(model, policy))
+        names.append((target, "shipped", policy))
+        for mode in args.modes.split(","):
+            tests.append(variant(model, policy, mode))
+            names.append((target, mode, policy))
+    fp16 = ReferenceModel(model, CachePolicy.uniform(shape.num_layers, 16, **geometry).fp16_equivalent())
+    t0 = time.perf_counter()
+    scores = divergences(fp16, tests, ids, sequences=args.sequences)
+    rows = [dict(target=t, mode=m, kl=d.kl, delta_pct=d.delta_pct, fp16_ratio=p.fp16_ratio(shape))
+            for (t, m, p), d in zip(names, scores)]
+    for r in rows:
+        print(f"{r['target']:4} {r['mode']:10} KL {r['kl']:.5f}  Δppl {r['delta_pct']:+.2f} %")
+    write(args.json, loaded, ids, args.sequences, geometry=geometry,
+          evaluation_seconds=time.perf_counter() - t0, rows=rows)
+    print(json.dumps({"wrote": args.json}))

@@ -23,9 +23,6 @@ The byte column is the shipped cache's; the per-token savings are stated above.
     .venv/bin/python bench/key_axis.py [--bits 2,3,4] [--modes tok32,tok64,tok64c]
 """
 
-import json
-import time
-
 import _layouts
 import torch
 
@@ -93,31 +90,7 @@ def main() -> None:
     ap.set_defaults(bits="2,3,4")
     ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
-    from edgekv.calibration import calibrated_policy, measure
-    from edgekv.policy import CachePolicy
-    from edgekv.quality.divergence import divergences
-
-    loaded, shape, ids, geometry, base = _layouts.shipped(args)
-    model, tok = loaded.model, loaded.tokenizer
-    sens = measure(model, tok, base)
-    tests, names = [], []
-    for target in _layouts.targets(args):
-        policy, _ = calibrated_policy(model, tok, base, target, sens=sens)
-        tests.append(ReferenceModel(model, policy))
-        names.append((target, "shipped", policy))
-        for mode in args.modes.split(","):
-            tests.append(TokenKeyModel(model, policy, mode))
-            names.append((target, mode, policy))
-    fp16 = ReferenceModel(model, CachePolicy.uniform(shape.num_layers, 16, **geometry).fp16_equivalent())
-    t0 = time.perf_counter()
-    scores = divergences(fp16, tests, ids, sequences=args.sequences)
-    rows = [dict(target=t, mode=m, kl=d.kl, delta_pct=d.delta_pct, fp16_ratio=p.fp16_ratio(shape))
-            for (t, m, p), d in zip(names, scores)]
-    for r in rows:
-        print(f"{r['target']:4} {r['mode']:8} KL {r['kl']:.5f}  Δppl {r['delta_pct']:+.2f} %")
-    _layouts.write(args.json, loaded, ids, args.sequences, geometry=geometry,
-                   evaluation_seconds=time.perf_counter() - t0, rows=rows)
-    print(json.dumps({"wrote": args.json}))
+    _layouts.score_modes(args, TokenKeyModel)
 
 
 if __name__ == "__main__":
