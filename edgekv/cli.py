@@ -128,10 +128,11 @@ def _add_layout_arg(p) -> None:
                    help="calibrated layouts only: feedback rounds each key block so that its error "
                         "falls where calibration queries do not look (GPTQ-style error feedback, "
                         "no extra bytes); nearest: round every element to its nearest code")
-    p.add_argument("--value-groups", choices=["calibrated", "fixed"], default="fixed",
+    p.add_argument("--value-groups", choices=["calibrated", "fixed"], default="calibrated",
                    help="calibrated layouts only: calibrated lets each layer's values share a "
                         "scale/zero over --group or twice as many channels, chosen with the widths "
-                        "in the same bytes (metadata saved buys wider codes); fixed: --group everywhere")
+                        "in the same bytes (metadata saved buys wider codes; SmolLM2: 16 %% less KL "
+                        "at 2 bits, 3 %% at 3); fixed: --group everywhere")
 
 
 def _check_target(b: float) -> None:
@@ -172,8 +173,8 @@ def _add_policy_args(p) -> None:
                                                          "(also the residual's length)")
     p.add_argument("--group", type=int, default=32,
                    help="channels per value quantization group (and per 8-bit residual group); 64 "
-                        "halves the values' scale/zero bytes: a 3-bit cache at W1024 is 0.223x of "
-                        "fp16 instead of 0.232x, at about 10 %% more KL on SmolLM2 (BENCHMARKS.md)")
+                        "halves the values' scale/zero bytes in every layer (--value-groups calibrated "
+                        "chooses 32 or 64 per layer within the bytes of --group 32)")
     p.add_argument("--positions", choices=["cache", "original"], default="cache",
                    help="RoPE positions: inside the cache (StreamingLLM) or the original ones")
     p.add_argument("--rotation", choices=["hadamard", "none"], default="hadamard",
@@ -185,20 +186,19 @@ def _add_policy_args(p) -> None:
     p.add_argument("--meta", choices=["u8", "u8s", "fp16"], default=DEFAULT_META,
                    help="scale/zero storage: u8, 8-bit codes per group plus 6 bytes per block and "
                         "KV head (0.52 bits per element); u8s, the same with those 6 bytes shared by "
-                        "a block's KV heads (see --residual u8hr); fp16 per group (1 bit per element at block = group = "
-                        "32). On SmolLM2 u8 costs 4-12 %% KL at equal code widths and wins at equal "
-                        "bytes (--bits 3.5 u8 vs --bits 3 fp16: same memory, -54 %% KL); a 3-bit "
-                        "cache with an fp16 residual is 0.247x of fp16 with u8, 0.275x with fp16 "
-                        "(W1024)")
+                        "a block's KV heads (see --residual u8hr); fp16 per group (1 bit per element "
+                        "at block = group = 32). On SmolLM2 8-bit metadata costs 4-12 %% KL at equal "
+                        "code widths and wins at equal bytes (--bits 3.5 u8 vs --bits 3 fp16: same "
+                        "memory, -54 %% KL)")
     p.add_argument("--residual", choices=list(RESIDUALS), default=DEFAULT_RESIDUAL,
                    help="storage of the sinks and the residual (the newest, not yet quantized "
                         "--block tokens): u8, 8-bit codes per token with an fp16 scale and zero per "
                         "--group channels (9 bits per element at group 32); u8h, the same per token "
                         "and KV head (8.5 bits at head_dim 64); u8hr, u8h of the tokens rotated by a "
                         "Hadamard matrix along head_dim (needs a power-of-two head_dim), the same bytes "
-                        "as u8h at u8's accuracy; fp16. A 3-bit cache at W1024 is 0.232x of fp16 with "
-                        "u8/u8, 0.230x with u8hr and --meta u8s (SmolLM2: KL equal to u8/u8's at 3 "
-                        "and 4 bits, +4 %% at 2: BENCHMARKS.md), 0.247x with an fp16 residual")
+                        "as u8h at u8's accuracy; fp16. A 3-bit cache at W1024 is 0.230x of fp16 with "
+                        "u8hr and --meta u8s, 0.232x with u8/u8, 0.247x with an fp16 residual "
+                        "and --meta u8 (BENCHMARKS.md)")
 
 
 def _add_export(sub) -> None:

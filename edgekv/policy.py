@@ -28,10 +28,10 @@ METAS = META_FORMATS  # scale/zero storage (edgekv.meta_u8)
 RESIDUALS = ("fp16", "u8", "u8h", "u8hr")
 # What `edgekv export`/`eval` store unless told otherwise (CachePolicy itself and a manifest
 # without these entries mean fp16, the formats before 8-bit storage existed).
-# u8s/u8hr make --bits 3 0.2298x of fp16 at W1024 (KL equal to u8/u8 at 3 and 4 bits) but
-# leave 2 and 4 bits just past their perplexity goals (BENCHMARKS.md "A rotated
-# residual"), so they are options.
-DEFAULT_META, DEFAULT_RESIDUAL = "u8", "u8"
+# u8s/u8hr make --bits 3 0.2298x of fp16 at W1024 (u8/u8: 0.2318x); with calibrated value
+# groups they have the lowest KL per byte at 2, 3 and 4 bits (BENCHMARKS.md "The compact
+# formats with value groups"). Models whose head_dim is not a power of two need u8h.
+DEFAULT_META, DEFAULT_RESIDUAL = "u8s", "u8hr"
 
 
 def plain_group(residual: str, group: int, head_dim: int) -> int:
@@ -227,12 +227,12 @@ class CachePolicy:
             if list(self.key_feedback.matrices.shape) != want:
                 raise PolicyError(f"key feedback matrices are {list(self.key_feedback.matrices.shape)}, "
                                   f"the model's cache needs {want}")
-        if self.rotation == "hadamard" and shape.head_dim & (shape.head_dim - 1):
+        # Both Hadamard rotations need a power-of-two head_dim; name every fix in one message.
+        fixes = [fix for rotated, fix in ((self.rotation == "hadamard", "rotation 'none'"),
+                                          (plain_rotated(self.residual), "residual 'u8h'")) if rotated]
+        if fixes and shape.head_dim & (shape.head_dim - 1):
             raise PolicyError(f"a Hadamard rotation needs a power-of-two head_dim, got {shape.head_dim}; "
-                              f"use rotation 'none'")
-        if plain_rotated(self.residual) and shape.head_dim & (shape.head_dim - 1):
-            raise PolicyError(f"residual {self.residual!r} rotates by a Hadamard matrix and needs a "
-                              f"power-of-two head_dim, got {shape.head_dim}; use residual 'u8h'")
+                              f"use {' and '.join(fixes)}")
 
     # ---- byte accounting -------------------------------------------------------------
     def ring_capacity(self, context: int | None = None) -> int:

@@ -152,16 +152,17 @@ def test_measure_keeps_the_clip_ratio_with_the_least_summed_loss(tiny_model, tin
 
 def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     out = tmp_path / "cal"
-    m = _export(tiny_model_dir, out, "--bits", "2.5")
+    m = _export(tiny_model_dir, out, "--bits", "2.5", "--value-groups", "fixed")
     a, p = m["allocation"], m["policy"]
     assert a["layout"] == "calibrated" and a["target_bits"] == 2.5
     assert a["average_bits"] == p["average_bits"] <= 2.5
     assert set(p["bits_k"] + p["bits_v"]) <= {1, 2, 3, 4, 8} and a["calibration"]["tokens"] > 100
     chosen = [c for c in a["selection"]["candidates"] if c["name"] == a["selection"]["chosen"]]
     assert chosen and chosen[0]["bits_k"] == p["bits_k"] and chosen[0]["bits_v"] == p["bits_v"]
-    # 8-bit scale + zero per 8 elements, 3 fp16 per block of 8 x 16 (the default u8 metadata)
-    assert p["meta"] == "u8" and p["residual"] == "u8"
-    assert m["cache"]["bits_per_element_with_metadata"] == pytest.approx(p["average_bits"] + 2 + 48 / 128)
+    # 8-bit scale + zero per 8 elements, 3 fp16 per block of 8 tokens x 16 channels x 2 KV
+    # heads (the default u8s metadata)
+    assert p["meta"] == "u8s" and p["residual"] == "u8hr"
+    assert m["cache"]["bits_per_element_with_metadata"] == pytest.approx(p["average_bits"] + 2 + 48 / 256)
     out2 = tmp_path / "uni"
     m2 = _export(tiny_model_dir, out2, "--bits", "2.5", "--bits-layout", "uniform")
     assert m2["policy"]["bits_k"] == [3, 3] and m2["policy"]["bits_v"] == [2, 2]
@@ -197,11 +198,12 @@ def test_export_kv_ratio_fits_the_cache_to_a_fraction_of_fp16(tiny_model_dir, tm
     from edgekv.policy import CachePolicy, KVShape
 
     m = _export(tiny_model_dir, tmp_path / "ratio", "--kv-ratio", "0.4")
-    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8",
-                               residual="u8")
+    base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8s",
+                               residual="u8hr")
     want = average_for_fp16_ratio(base, KVShape(2, 2, 16), 0.4)
     assert 1 < want < 8 and m["allocation"]["target_bits"] == pytest.approx(want)
-    assert m["cache"]["fp16_ratio"] <= 0.4 and m["policy"]["average_bits"] <= want
+    # value groups (the default) may turn metadata into code bits: the bytes are the bound
+    assert m["cache"]["fp16_ratio"] <= 0.4 and m["policy"]["groups_v"]
     assert f"the largest average code width that fits is {want:.4g} bits" in capsys.readouterr().out
     for bad, msg in ((["--kv-ratio", "0.4", "--bits", "3"], "not both"),
                      (["--kv-ratio", "0.4", "--bits-layout", "uniform"], "needs the calibrated layout"),

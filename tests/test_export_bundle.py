@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgekv.cli import main
-from edgekv.policy import CachePolicy
+from edgekv.policy import DEFAULT_META, DEFAULT_RESIDUAL, CachePolicy
 from edgekv.reference.model import ReferenceModel
 
 ARGS = ["--bits", "3", "--bits-layout", "uniform", "--window", "64", "--block", "8", "--group", "8", "--prefill-chunk", "8"]
@@ -43,7 +43,8 @@ def test_decode_graph_from_bundle_matches_reference(bundle, tiny_model):
         feeds[i.name] = np.zeros(i.shape, dt)
     feeds["input_ids"] = np.array([[17]], np.int64)
     logits = sess.run(["logits"], feeds)[0]
-    ref = ReferenceModel(tiny_model, CachePolicy.uniform(2, 3, window=64, sinks=4, block=8, group=8, residual="u8"))
+    ref = ReferenceModel(tiny_model, CachePolicy.uniform(2, 3, window=64, sinks=4, block=8, group=8,
+                                                     meta=DEFAULT_META, residual=DEFAULT_RESIDUAL))
     expect = ref.forward(torch.tensor([[17]]), ref.new_cache())[:, -1:]
     np.testing.assert_allclose(logits, expect.numpy(), atol=1e-4)
 

@@ -181,5 +181,9 @@ def test_rotated_residual_costs_what_u8h_costs_and_needs_a_power_of_two_head():
     assert rotated.fp16_ratio(SHAPE) == plain.fp16_ratio(SHAPE) <= 0.23
     assert plain_rotated("u8hr") and not plain_rotated("u8h") and residual_suffix("u8hr") == "_r8hr"
     odd = CachePolicy.uniform(2, 3, residual="u8hr", sinks=4, window=32, block=8, group=8)
-    with pytest.raises(PolicyError, match="power-of-two head_dim.*u8h"):
+    with pytest.raises(PolicyError, match="power-of-two head_dim.*use residual 'u8h'$"):
         odd.check_shape(KVShape(num_layers=2, num_kv_heads=1, head_dim=24))
+    # the CLI's defaults rotate both: one message names both ways out
+    both = CachePolicy.uniform(2, 3, residual="u8hr", rotation="hadamard", sinks=4, window=32, block=8, group=8)
+    with pytest.raises(PolicyError, match="use rotation 'none' and residual 'u8h'"):
+        both.check_shape(KVShape(num_layers=2, num_kv_heads=1, head_dim=24))

@@ -40,6 +40,6 @@ def test_eval_cli_on_default_model(tmp_path):
                  "--passkey-lengths", "", "--json", str(out)]) == 0
     rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
     fp16 = rows["fp16 W256"]
-    b4, b2 = (rows[f"{b}-bit W256 hadamard meta u8 residual u8"] for b in (4, 2))
+    b4, b2 = (rows[f"{b}-bit W256 hadamard meta u8s residual u8hr"] for b in (4, 2))
     assert 5 < fp16["ppl"] < 200
     assert abs(b4["delta_pct"]) < abs(b2["delta_pct"]) and b2["delta_pct"] > 1.0
