@@ -34,6 +34,7 @@ import math
 from tvm import te, tirx
 
 from edgekv.meta_u8 import is_u8, meta_heads
+from edgekv.policy import plain_rotated
 from edgekv.tvm_kernels import hadamard_te
 from edgekv.tvm_kernels.pack import plain_input
 from edgekv.tvm_kernels.params import AttnParams
@@ -93,8 +94,12 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
     # sinks/residual: placeholders and fp32 loaders of element (head, token, channel)
     # (the un-rotation form: butterfly stages on CPUs, one D-wide reduction on GPUs, hadamard_te)
     unrotate = hadamard_te.dense if dense_rotation else hadamard_te.butterfly
+    # "u8hr" values stay rotated, like a rotated ring's: P (V H) is summed with the ring's
+    # and un-rotated once per query head, not once per token (keys must be un-rotated before RoPE)
+    fold_values = p.rotate and bv != 16 and plain_rotated(p.residual)
     (sink_k, load_sk), (sink_v, load_sv), (res_k, load_rk), (res_v, load_rv) = (
-        plain_input(f"{part}_{side}", (1, h, t, d), g, p.residual, unrotate)
+        plain_input(f"{part}_{side}", (1, h, t, d), g, p.residual,
+                    None if side == "v" and fold_values else unrotate)
         for part, t in (("sink", s), ("residual", b)) for side in "kv")
     u8 = is_u8(p.meta)
     hm = meta_heads(p.meta, h)
@@ -261,15 +266,23 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
         osn = te.reduce_axis((0, s), name="osn")
         ors = te.compute((h, r, c, d), lambda i, j, k, e: te.sum(es_[i, j, k, osn] * load_sv(0, i, osn, e), axis=osn), name="pv_sink")
 
+    def _plain(i, j, k, e):  # the sinks' and the residual's P.V
+        return ore[i, j, k, e] + ors[i, j, k, e] if s else ore[i, j, k, e]
+
     if p.rotate and bv != 16:
         # ring values are V H: their weighted sum is (P V) H, un-rotated once per query head
-        ring_out = unrotate(te.compute((h, r, c, d), lambda i, j, k, e: orr[i, j, k, e // 8, e % 8], name="pv_ring_rot"),
+        def rotated_sum(i, j, k, e):
+            v = orr[i, j, k, e // 8, e % 8]
+            return v + _plain(i, j, k, e) if fold_values else v
+        ring_out = unrotate(te.compute((h, r, c, d), rotated_sum, name="pv_ring_rot"),
                             (h, r, c, d), lambda i, j, k, e: e, lambda v, ch: (v[0], v[1], v[2], ch), d, "vunrot")
 
     def _out(z, qh, k, e):
         i, j = qh // r, qh % r
+        if fold_values:
+            return ring_out[i, j, k, e] / denom[i, j, k]
         ring = ring_out[i, j, k, e] if p.rotate and bv != 16 else orr[i, j, k, e // 8, e % 8]
-        v = ring + ore[i, j, k, e]
+        v = ring + ore[i, j, k, e]  # this order keeps the TIR, and so the tuning records, as they were
         if s:
             v = v + ors[i, j, k, e]
         return v / denom[i, j, k]

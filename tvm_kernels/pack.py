@@ -28,7 +28,8 @@ def plain_input(name: str, shape: tuple, group: int, residual: str, unrotate=had
     """Placeholders of a sink/residual buffer [..., D] (CachePolicy.plain_tensors) and a
     loader of its element at an index as fp32: the fp16 value, or with an 8-bit residual
     code * scale + zero of the channel's group (`group`, or the head with "u8h"; "u8hr" then
-    un-rotates, `_unrotated`, in the form `unrotate` of edgekv.tvm_kernels.hadamard_te). An 8-bit code times an fp16 scale is exact
+    un-rotates, `_unrotated`, in the form `unrotate` of edgekv.tvm_kernels.hadamard_te, unless it
+is None). An 8-bit code times an fp16 scale is exact
     in fp32, so a fused multiply-add rounds to the reference's value too."""
     names = plain_names(name, residual)
     if residual == "fp16":
@@ -41,7 +42,7 @@ def plain_input(name: str, shape: tuple, group: int, residual: str, unrotate=had
     def load(*ix):
         at = (*ix[:-1], ix[-1] // group)
         return x[ix].astype(F32) * sc[at].astype(F32) + z[at].astype(F32)
-    if plain_rotated(residual):
+    if plain_rotated(residual) and unrotate is not None:  # None: the caller reads x @ H as stored
         return [x, sc, z], _unrotated(load, shape, name, unrotate)
     return [x, sc, z], load
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule
 
+from edgekv.policy import plain_rotated
 from edgekv.tvm_kernels.params import AttnParams
 
 PARTS = 8  # P.V ring partitions (load balance over cores when KV heads are few)
@@ -85,9 +86,26 @@ def _values(sch: Schedule, p: AttnParams, sample: bool = False) -> None:
     sch.decompose_reduction(rf, omi2)
 
 
+def _plain_unrotation(sch: Schedule, p: AttnParams) -> None:
+    """Residual "u8hr": the float64 butterfly that un-rotates the sinks and the residual
+    (pack.plain_input) runs over all S + B tokens every call; its stages vectorised over
+    channels, the dequantize-and-widen stage inlined into the first one."""
+    if not plain_rotated(p.residual):
+        return
+    stages = p.head_dim.bit_length() - 1
+    for part in ("sink", "residual") if p.sinks else ("residual",):
+        for side in "kv" if not (p.rotate and p.bits_v != 16) else "k":  # attention.fold_values
+            name = f"{part}_{side}"
+            sch.compute_inline(sch.get_sblock(f"{name}_f64"))
+            for stage in (*(f"{name}_unrot{k}" for k in range(stages)), f"{name}_unrot32"):
+                blk = sch.get_sblock(stage)
+                sch.vectorize(sch.get_loops(blk)[-1])
+
+
 def attention(sch: Schedule, p: AttnParams, target: tvm.target.Target, sample: bool = False) -> Schedule | None:
     if target.kind.name != "llvm":
         return None
+    _plain_unrotation(sch, p)
     _scores(sch, p)
     _softmax(sch, p)
     _values(sch, p, sample)
