@@ -34,7 +34,6 @@ import math
 from tvm import te, tirx
 
 from edgekv.meta_u8 import is_u8, meta_heads
-from edgekv.policy import plain_rotated
 from edgekv.tvm_kernels import hadamard_te
 from edgekv.tvm_kernels.pack import plain_input
 from edgekv.tvm_kernels.params import AttnParams
@@ -96,7 +95,7 @@ def attention_te(p: AttnParams, dense_rotation: bool = False) -> list[te.Tensor]
     unrotate = hadamard_te.dense if dense_rotation else hadamard_te.butterfly
     # "u8hr" values stay rotated, like a rotated ring's: P (V H) is summed with the ring's
     # and un-rotated once per query head, not once per token (keys must be un-rotated before RoPE)
-    fold_values = p.rotate and bv != 16 and plain_rotated(p.residual)
+    fold_values = p.folds_plain_values
     (sink_k, load_sk), (sink_v, load_sv), (res_k, load_rk), (res_v, load_rv) = (
         plain_input(f"{part}_{side}", (1, h, t, d), g, p.residual,
                     None if side == "v" and fold_values else unrotate)

@@ -28,9 +28,9 @@ def plain_input(name: str, shape: tuple, group: int, residual: str, unrotate=had
     """Placeholders of a sink/residual buffer [..., D] (CachePolicy.plain_tensors) and a
     loader of its element at an index as fp32: the fp16 value, or with an 8-bit residual
     code * scale + zero of the channel's group (`group`, or the head with "u8h"; "u8hr" then
-    un-rotates, `_unrotated`, in the form `unrotate` of edgekv.tvm_kernels.hadamard_te, unless it
-is None). An 8-bit code times an fp16 scale is exact
-    in fp32, so a fused multiply-add rounds to the reference's value too."""
+    un-rotates, `_unrotated`, in the form `unrotate` of edgekv.tvm_kernels.hadamard_te, unless
+    it is None). An 8-bit code times an fp16 scale is exact in fp32, so a fused multiply-add
+    rounds to the reference's value too."""
     names = plain_names(name, residual)
     if residual == "fp16":
         x = te.placeholder(shape, F16, name=name)

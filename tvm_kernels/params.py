@@ -118,6 +118,12 @@ class AttnParams:
                 + meta_suffix(self.meta) + residual_suffix(self.residual))
 
     @property
+    def folds_plain_values(self) -> bool:
+        """Residual "u8hr" under a rotated ring: the sinks' and residual's values stay rotated
+        and their P.V joins the ring's single un-rotation per query head (attention.py)."""
+        return self.rotate and self.bits_v != 16 and plain_rotated(self.residual)
+
+    @property
     def cache_names(self) -> list[str]:
         """The layer's cache buffers the kernel takes (after q), in argument order."""
         return layer_buffer_names(self.bits_k, self.bits_v, self.meta, self.residual)

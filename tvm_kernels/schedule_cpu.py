@@ -94,7 +94,7 @@ def _plain_unrotation(sch: Schedule, p: AttnParams) -> None:
         return
     stages = p.head_dim.bit_length() - 1
     for part in ("sink", "residual") if p.sinks else ("residual",):
-        for side in "kv" if not (p.rotate and p.bits_v != 16) else "k":  # attention.fold_values
+        for side in "k" if p.folds_plain_values else "kv":
             name = f"{part}_{side}"
             sch.compute_inline(sch.get_sblock(f"{name}_f64"))
             for stage in (*(f"{name}_unrot{k}" for k in range(stages)), f"{name}_unrot32"):
