@@ -34,9 +34,9 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     """Inputs k, v: the layer's full residual as stored, fp16 [1,H,B,D] or with residual
     "u8" codes k, v uint8 [1,H,B,D] and k_scale, k_zero, v_scale, v_zero fp16 [1,H,B,D/G]
     (export.onnx_plain; dequantized first) (and f fp32 [H,D,D], the layer's key feedback step
-    matrices, when policy.key_feedback is set, plus k_bits int64 [1], the layer's key width,
-    when it is set and keys use several widths: only that width's outputs are computed,
-    the others are zeros); outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
+    matrices, when policy.key_feedback is set; and the layer's own variant where a side has
+    several, `pack_selectors`: k_bits, v_bits, v_group int64 [1]: only that variant's outputs
+    are computed, the others are zeros); outputs k{b}_codes [1,H,D,B*b/8], k{b}_scale/zero [1,H,D]
     and v{b}_codes [1,H,B,D*b/8], v{b}_scale/zero [1,H,B,D/Gv] for each width b used, with
     each value group Gv a layer quantizes with (named v{b}g{Gv}_... where Gv is not G)
     (of the Hadamard-rotated block when policy.rotation says so)."""
@@ -48,9 +48,11 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     outputs, functions = [], []
     rotate_dim = d if policy.rotation == "hadamard" else 0
     feedback_dim = d if policy.key_feedback is not None and kbits else 0
-    # Feedback rounding is ~3x the work of nearest: with several key widths, each layer runs
-    # only its own (input k_bits; the other widths' outputs are zeros the runtime never reads).
-    gated = bool(feedback_dim) and len(kbits) > 1
+    # One graph serves every layer, but a layer reads only its own key width and value
+    # (width, group): computing the others costs 2-3x (feedback rounding is ~3x the work of
+    # nearest, a calibrated layout has 5+ value variants), so each runs under an If on the
+    # layer's selectors and the outputs it skips are zeros the runtime never reads.
+    selectors = pack_selectors(policy)
     res = policy.residual
     rg = policy.residual_group(d)
     x = {side: read_plain(e, plain_names(side, res), res, rg, d) for side in "kv"}  # fp32 [1,H,B,D]
@@ -69,8 +71,10 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
             md = U8 if is_u8(policy.meta) else F16
             infos = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(names, (U8, md, md, F16), shapes)]
             args = [x[side], "f"] if side == "k" and feedback_dim else [x[side]]
-            if side == "k" and gated:
-                _gated_call(e, fn.name, args, infos, b)
+            chosen = {f"{side}_bits": b, "v_group": gv}
+            tests = [(n, chosen[n]) for n in selectors if n.startswith(side)]
+            if tests:
+                _gated_call(e, fn.name, args, infos, tests, f"{side}{b}" + (f"g{gv}" if gv else ""))
             else:
                 e.op(fn.name, *args, out=names, domain=DOMAIN)
             outputs += infos
@@ -82,8 +86,7 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
               for side in "kv" for n, dt in zip(plain_names(side, res), plain_types(res))]
     if feedback_dim:  # the layer's key feedback step matrices (edgekv.key_feedback), bound per layer
         inputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [h, d, d]))
-    if gated:  # the layer's key code width
-        inputs.append(helper.make_tensor_value_info("k_bits", TensorProto.INT64, [1]))
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in selectors]
     graph = helper.make_graph(e.nodes, "edgekv_pack", inputs, outputs)
     model = helper.make_model(graph, opset_imports=opset_imports(), functions=functions,
                               producer_name="edgekv")
@@ -91,21 +94,33 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
     return model
 
 
-def _gated_call(e: Emitter, fn: str, args: list[str], infos: list, bits: int) -> None:
-    """outputs = fn(*args) if k_bits == bits else zeros of the same shapes (an If node)."""
-    then, other = Emitter(f"then{bits}_"), Emitter(f"else{bits}_")
-    then.op(fn, *args, out=[f"then{bits}_{i.name}" for i in infos], domain=DOMAIN)
+def pack_selectors(policy: CachePolicy) -> list[str]:
+    """The int64 [1] inputs that name a layer's own variant (bound per layer by
+    runtime.cache_state): k_bits when
+    keys use several widths, v_bits / v_group when values use several widths / groups."""
+    kbits, vouts = pack_outputs(policy)
+    return [n for n, several in (("k_bits", len(kbits) > 1), ("v_bits", len({b for b, _ in vouts}) > 1),
+                                 ("v_group", len({g for _, g in vouts}) > 1)) if several]
+
+
+def _gated_call(e: Emitter, fn: str, args: list[str], infos: list, tests: list[tuple[str, int]],
+                tag: str) -> None:
+    """outputs = fn(*args) if every selector input equals its value in `tests`, else zeros
+    of the same shapes (an If node)."""
+    then, other = Emitter(f"then{tag}_"), Emitter(f"else{tag}_")
+    then.op(fn, *args, out=[f"then{tag}_{i.name}" for i in infos], domain=DOMAIN)
     for i in infos:
         t = i.type.tensor_type
         dims = [x.dim_value for x in t.shape.dim]
         zeros = np.zeros(dims, helper.tensor_dtype_to_np_dtype(t.elem_type))
-        other.op("Constant", out=f"else{bits}_{i.name}", value=numpy_helper.from_array(zeros))
+        other.op("Constant", out=f"else{tag}_{i.name}", value=numpy_helper.from_array(zeros))
 
     def branch(em: Emitter, prefix: str):
         outs = [helper.make_tensor_value_info(f"{prefix}{i.name}", i.type.tensor_type.elem_type, None)
                 for i in infos]
         return helper.make_graph(em.nodes, prefix.rstrip("_"), [], outs)
 
-    cond = e.op("Equal", "k_bits", e.const([bits], np.int64))
-    e.op("If", cond, out=[i.name for i in infos], then_branch=branch(then, f"then{bits}_"),
-         else_branch=branch(other, f"else{bits}_"))
+    conds = [e.op("Equal", name, e.const([value], np.int64)) for name, value in tests]
+    cond = conds[0] if len(conds) == 1 else e.op("And", *conds)
+    e.op("If", cond, out=[i.name for i in infos], then_branch=branch(then, f"then{tag}_"),
+         else_branch=branch(other, f"else{tag}_"))

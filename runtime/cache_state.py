@@ -88,10 +88,14 @@ class CacheState:
 
     def _pack_constants(self, layer: int) -> dict[str, np.ndarray]:
         """pack.onnx's per-layer constant inputs (export.onnx_pack), aligned like every
-        buffer here: the key feedback step matrices `f` (edgekv.key_feedback) and the key
-        width `k_bits` (read only by a graph that computes just the layer's width)."""
-        extra = {"k_bits": aligned_zeros(1, np.int64)}
-        extra["k_bits"][0] = self.policy.bits_k[layer]
+        buffer here: the key feedback step matrices `f` (edgekv.key_feedback) and the
+        layer's key width and value width and group (read only by a graph that computes
+        just the layer's own variant, `pack_selectors`)."""
+        p = self.policy
+        extra = {}
+        for name, value in (("k_bits", p.bits_k[layer]), ("v_bits", p.bits_v[layer]), ("v_group", p.value_group(layer))):
+            extra[name] = aligned_zeros(1, np.int64)
+            extra[name][0] = value
         fb = self.policy.key_feedback
         if fb is not None:
             extra["f"] = aligned_zeros(fb.layer(layer).shape, np.float32)

@@ -28,6 +28,13 @@ def session(model: onnx.ModelProto | str, threads: int = 1) -> ort.InferenceSess
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
+def layer_selectors(policy: CachePolicy, layer: int) -> dict[str, np.ndarray]:
+    """pack.onnx's selector inputs for `layer` (it computes only the layer's own key width
+    and value width/group where a side has several; bind those the graph declares)."""
+    return {n: np.array([v], np.int64) for n, v in (("k_bits", policy.bits_k[layer]),
+            ("v_bits", policy.bits_v[layer]), ("v_group", policy.value_group(layer)))}
+
+
 class OnnxDriver:
     def __init__(self, decode: ort.InferenceSession, pack: ort.InferenceSession, policy: CachePolicy,
                  shape: KVShape, prefill: ort.InferenceSession | None = None, chunk: int | None = None,
@@ -119,6 +126,7 @@ class OnnxDriver:
         slot, b = self.blocks_pushed % self.slots, p.block
         bk, bv = p.bits_k[layer], p.bits_v[layer]
         res = {n[len(pre + "residual_"):]: a for n, a in buf.items() if n.startswith(pre + "residual_")}
+        res.update(layer_selectors(p, layer))
         names = [o.name for o in self.pack.get_outputs()]
         packed = dict(zip(names, self.pack.run(None, {i.name: res[i.name] for i in self.pack.get_inputs()})))
         if bk == 16:

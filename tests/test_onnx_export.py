@@ -61,13 +61,14 @@ def test_pack_is_bit_exact_with_numpy_reference(block, group, head_dim, meta, cl
         v[0, 1, 2, :group] = -2.0  # a constant value group
         layer = trial % 7
         f = policy.key_feedback.layer(layer) if feedback else None
-        # with feedback, pack.onnx computes only the layer's own key width (k_bits)
-        extra = {"f": f, "k_bits": np.array([policy.bits_k[layer]])} if feedback else {}
-        out = dict(zip(names, sess.run(None, {"k": k, "v": v, **extra})))
+        # pack.onnx computes only the layer's own key and value widths (its selectors)
+        extra = {"k_bits": np.array([policy.bits_k[layer]]), "v_bits": np.array([policy.bits_v[layer]])}
+        assert [i.name for i in sess.get_inputs()][-2:] == list(extra)
+        out = dict(zip(names, sess.run(None, {"k": k, "v": v, **extra, **({"f": f} if feedback else {})})))
         for b in (1, 2, 3, 4, 5, 6, 8):
             for side, q in (("k", quant.quantize_keys(k, b, meta, policy.clip_ratio("k", b), f)),
                             ("v", quant.quantize_values(v, b, group, meta, policy.clip_ratio("v", b)))):
-                skipped = feedback and side == "k" and b != policy.bits_k[layer]
+                skipped = b != (policy.bits_k if side == "k" else policy.bits_v)[layer]
                 for part, expect in zip(("codes", "scale", "zero", "meta"), q):
                     if expect is None:
                         continue
@@ -278,8 +279,9 @@ def test_pack_reads_an_8_bit_residual_bit_exactly(rotation, residual, rg):
             x = (rng.standard_normal((1, 2, 8, 16)) * 10.0 ** rng.uniform(-2, 1)).astype(np.float16)
             q = quant.quantize_values(x.astype(np.float32), 8, rg)
             feeds.update({side: q.codes, f"{side}_scale": q.scale, f"{side}_zero": q.zero})
-        out = dict(zip(names, sess.run(None, feeds)))
-        for side, widths in (("k", (3,)), ("v", (2, 4))):
+        layer = trial % 2  # values use widths 2 and 4: the graph computes the layer's own
+        out = dict(zip(names, sess.run(None, {**feeds, "v_bits": np.array([policy.bits_v[layer]])})))
+        for side, widths in (("k", (3,)), ("v", (policy.bits_v[layer],))):
             x = quant.dequantize_values(quant.Quantized(feeds[side], feeds[f"{side}_scale"], feeds[f"{side}_zero"],
                                                         None), 8, rg, 16)
             if residual == "u8hr":

@@ -14,7 +14,7 @@ from edgekv.export.onnx_graph import build_decoder
 from edgekv.export.onnx_pack import build_pack
 from edgekv.policy import CachePolicy, KVShape, packed_prefix
 from edgekv.runtime.bundle import BundleError, manifest_policy, open_bundle, read_manifest
-from onnx_driver import session
+from onnx_driver import layer_selectors, session
 from runtime_helpers import make_bundle
 from test_runtime_engine import _check_greedy
 
@@ -72,13 +72,17 @@ def test_pack_is_bit_exact_per_value_group(meta, residual):
                 x = quant.dequantize_values(q, 8, 32, 64)
             else:
                 feeds[side] = x
-        out = dict(zip(names, sess.run(None, feeds)))
-        for layer in range(3):
+        for layer in range(3):  # the graph computes only the layer's own (width, group)
+            selectors = layer_selectors(policy, layer)
+            out = dict(zip(names, sess.run(None, {**feeds, **{i.name: selectors[i.name] for i in sess.get_inputs()
+                                                              if i.name in selectors}})))
             bits, group = policy.bits_v[layer], policy.value_group(layer)
+            own = packed_prefix(policy, 'v', bits, group)
             for part, expect in zip(("codes", "scale", "zero", "meta"), quant.quantize_values(x, bits, group, meta)):
                 if expect is not None:
-                    got = out[f"{packed_prefix(policy, 'v', bits, group)}_{part}"]
+                    got = out[f"{own}_{part}"]
                     assert got.dtype == expect.dtype and np.array_equal(got, expect), (layer, part, trial)
+            assert not any(out[n].any() for n in names if n.startswith("v") and not n.startswith(own + "_"))
 
 
 @pytest.mark.parametrize("name", list(MIXED))
