@@ -4,13 +4,15 @@ layer) with the default formats (Hadamard, --meta u8s, --residual u8hr, key feed
 stand-in matrices: the cost does not depend on their values), fed random residual codes,
 and run layer after layer on onnxruntime with one thread, binding the per-layer inputs the
 graph declares. Median of 10 rounds over 30 layers after 3 warm-up rounds; each layout also
-with fixed value groups (groups_v dropped). Run it at two commits to compare pack graphs.
+with fixed value groups (groups_v dropped). Run it at two commits to compare pack graphs;
+`--formats u8:u8,u8s:u8hr` compares metadata:residual formats on the same layouts.
 
-    .venv/bin/python bench/pack_graph_speed.py [RESULTS_JSON]
+    .venv/bin/python bench/pack_graph_speed.py [RESULTS_JSON] [--formats META:RESIDUAL,...]
 """
 
+import argparse
+
 import json
-import sys
 import time
 
 import numpy as np
@@ -23,16 +25,21 @@ def main() -> None:
     from edgekv.key_feedback import KeyFeedback
     from edgekv.policy import CachePolicy, KVShape
 
-    path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/value-groups-u8s-u8hr-18k-smollm2.json"
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", nargs="?", default="bench/results/value-groups-u8s-u8hr-18k-smollm2.json")
+    ap.add_argument("--formats", default="u8s:u8hr", help="metadata:residual pairs, comma-separated")
+    args = ap.parse_args()
+    path = args.results
+    formats = [tuple(f.split(":")) for f in args.formats.split(",")]
     rows = [r for r in json.loads(open(path).read())["rows"] if r["groups_v"]]
     shape = KVShape(num_layers=30, num_kv_heads=3, head_dim=64)
     fb = KeyFeedback(np.tile(np.eye(64, dtype=np.float32) * 0.01, (30, 3, 1, 1)))
     rng = np.random.default_rng(0)
-    print("| layout | value groups | pack graph inputs | ms per 30 layers |\n|---|---|---|---:|")
+    print("| layout | value groups | formats | pack graph inputs | ms per 30 layers |\n|---|---|---|---|---:|")
     for r in rows:
-        for groups in (tuple(r["groups_v"]), ()):
+        for groups, (meta, residual) in ((g, f) for g in (tuple(r["groups_v"]), ()) for f in formats):
             p = CachePolicy(bits_k=tuple(r["bits_k"]), bits_v=tuple(r["bits_v"]), groups_v=groups,
-                            rotation="hadamard", meta="u8s", residual="u8hr", key_feedback=fb)
+                            rotation="hadamard", meta=meta, residual=residual, key_feedback=fb)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             sess = ort.InferenceSession(build_pack(p, shape).SerializeToString(), opts)
@@ -59,7 +66,7 @@ def main() -> None:
                 if i >= 3:
                     times.append(time.perf_counter() - t0)
             inputs = ", ".join(i.name for i in sess.get_inputs() if i.type == "tensor(int64)")
-            print(f"| {r['setting'].split(' W')[0]} | {'calibrated' if groups else 'fixed'} | {inputs or '-'} "
+            print(f"| {r['setting'].split(' W')[0]} | {'calibrated' if groups else 'fixed'} | {meta}/{residual} | {inputs or '-'} "
                   f"| {1e3 * sorted(times)[len(times) // 2]:.1f} |", flush=True)
 
 
