@@ -14,7 +14,7 @@ from edgekv.export.onnx_ops import (
 )
 from edgekv.export.onnx_plain import read_plain
 from edgekv.meta_u8 import is_u8
-from edgekv.policy import layer_buffer_names, plain_group, plain_names, residual_suffix
+from edgekv.policy import layer_buffer_names, plain_group, plain_names, plain_rotated, residual_suffix
 
 PLAIN = ("sink_k", "sink_v", "residual_k", "residual_v")
 
@@ -97,7 +97,7 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     rotate (quantized sides only): ring keys are un-rotated before RoPE (one D x D MatMul
     over the ring: RoPE does not commute with the rotation); values are not -- the few
     fp16 sink/residual/new values are rotated instead and the output un-rotated once,
-    since P @ (V H) = (P @ V) H.
+    since P @ (V H) = (P @ V) H ("u8hr" sink/residual values are stored rotated already).
     """
     e = Emitter()
     n_rep = num_heads // num_kv_heads
@@ -107,11 +107,16 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     if rot_k:
         ring_k = e.op("MatMul", ring_k, h)
     rg = plain_group(residual, group, head_dim)
-    plain = {name: read_plain(e, plain_names(name, residual), residual, rg, head_dim) for name in PLAIN}
+    # "u8hr" sink/residual values are stored rotated: with rotated ring values they join the
+    # output's one un-rotation as they are, instead of an un-rotation and a rotation each
+    # (keys cannot: RoPE follows them)
+    fold = rot_v and plain_rotated(residual)
+    plain = {name: read_plain(e, plain_names(name, residual), residual, rg, head_dim,
+                              keep_rotated=fold and name.endswith("_v")) for name in PLAIN}
     keys = e.op("Concat", plain["sink_k"], ring_k, plain["residual_k"], "k", axis=2)
     fp_vals = [plain["sink_v"], plain["residual_v"], "v"]
     if rot_v:
-        fp_vals = [e.op("MatMul", x, h) for x in fp_vals]
+        fp_vals = [x if fold and x != "v" else e.op("MatMul", x, h) for x in fp_vals]
     ring_v = _ring_values(e, bits_v, head_dim, group if group_v is None else group_v, block, meta)
     vals = e.op("Concat", fp_vals[0], ring_v, *fp_vals[1:], axis=2)
     keys = _rope(e, keys, "cos_k", "sin_k")

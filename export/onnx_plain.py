@@ -36,15 +36,17 @@ def store_new(e: Emitter, x16: str, residual: str, group: int, head_dim: int, ou
             e.op("Identity", scale, out=out[1]), e.op("Identity", zero, out=out[2])]
 
 
-def read_plain(e: Emitter, names: list[str], residual: str, group: int, head_dim: int) -> str:
-    """A sink/residual buffer (its tensors `names`) as fp32 [1,H,T,D]."""
+def read_plain(e: Emitter, names: list[str], residual: str, group: int, head_dim: int,
+               keep_rotated: bool = False) -> str:
+    """A sink/residual buffer (its tensors `names`) as fp32 [1,H,T,D]; with "u8hr" and
+    `keep_rotated`, still in the rotated basis it is stored in (x~, not x~ @ H)."""
     if residual == "fp16":
         return e.op("Cast", names[0], to=F32)
     codes = e.op("Reshape", e.op("Cast", names[0], to=F32), e.i64(0, 0, 0, head_dim // group, group))
     last = e.i64(-1)
     scale, zero = (e.op("Unsqueeze", e.op("Cast", n, to=F32), last) for n in names[1:])
     x = e.op("Reshape", e.op("Add", e.op("Mul", codes, scale), zero), e.i64(0, 0, 0, head_dim))
-    return _rotate(e, x, head_dim) if plain_rotated(residual) else x
+    return _rotate(e, x, head_dim) if plain_rotated(residual) and not keep_rotated else x
 
 
 def _rotate(e: Emitter, x: str, head_dim: int) -> str:

@@ -260,6 +260,11 @@ def test_u8_residual_cache_matches_reference(tiny_model, bits_k, bits_v, rotatio
     for names in (ins, outs):
         assert names[next(n for n in names if n.endswith("sink_k" if names is ins else ".0.k"))] == onnx.TensorProto.UINT8
     assert "past.0.residual_v_scale" in ins and "new.1.v_zero" in outs
+    for f in m.functions:  # "u8hr" values under a rotated ring stay rotated (no float64 un-rotation)
+        if f.name.startswith("CompressedAttention"):
+            doubles = sum(n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE for n in f.node)
+            folded = residual == "u8hr" and rotation == "hadamard" and "_v16" not in f.name
+            assert doubles == (2 if folded else 4 if residual == "u8hr" else 0), f.name
 
 
 @pytest.mark.parametrize("rotation,residual,rg", [("none", "u8", 8), ("hadamard", "u8", 8), ("hadamard", "u8h", 16),
