@@ -45,7 +45,7 @@ def main() -> None:
             sess = ort.InferenceSession(build_pack(p, shape).SerializeToString(), opts)
             feeds = []
             for layer in range(30):
-                per_layer = {"k_bits": p.bits_k[layer], "v_bits": p.bits_v[layer], "v_group": p.value_group(layer)}
+                per_layer = p.pack_variant(layer)
                 f = {}
                 for i in sess.get_inputs():
                     dims = [d if isinstance(d, int) else 1 for d in i.shape]

@@ -161,6 +161,11 @@ class CachePolicy:
         """Channels per scale/zero group of `layer`'s ring values."""
         return self.groups_v[layer] if self.groups_v else self.group
 
+    def pack_variant(self, layer: int) -> dict[str, int]:
+        """`layer`'s key width, value width and value group by the names of pack.onnx's
+        per-layer selector inputs (export.onnx_pack.pack_selectors declares those it needs)."""
+        return {"k_bits": self.bits_k[layer], "v_bits": self.bits_v[layer], "v_group": self.value_group(layer)}
+
     @property
     def num_layers(self) -> int:
         return len(self.bits_k)

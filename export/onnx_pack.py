@@ -95,9 +95,9 @@ def build_pack(policy: CachePolicy, shape: KVShape) -> onnx.ModelProto:
 
 
 def pack_selectors(policy: CachePolicy) -> list[str]:
-    """The int64 [1] inputs that name a layer's own variant (bound per layer by
-    runtime.cache_state): k_bits when
-    keys use several widths, v_bits / v_group when values use several widths / groups."""
+    """The int64 [1] inputs that name a layer's own variant (CachePolicy.pack_variant, bound
+    per layer by runtime.cache_state): k_bits when keys use several widths, v_bits /
+    v_group when values use several widths / groups."""
     kbits, vouts = pack_outputs(policy)
     return [n for n, several in (("k_bits", len(kbits) > 1), ("v_bits", len({b for b, _ in vouts}) > 1),
                                  ("v_group", len({g for _, g in vouts}) > 1)) if several]

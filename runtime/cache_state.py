@@ -91,9 +91,8 @@ class CacheState:
         buffer here: the key feedback step matrices `f` (edgekv.key_feedback) and the
         layer's key width and value width and group (read only by a graph that computes
         just the layer's own variant, `pack_selectors`)."""
-        p = self.policy
         extra = {}
-        for name, value in (("k_bits", p.bits_k[layer]), ("v_bits", p.bits_v[layer]), ("v_group", p.value_group(layer))):
+        for name, value in self.policy.pack_variant(layer).items():
             extra[name] = aligned_zeros(1, np.int64)
             extra[name][0] = value
         fb = self.policy.key_feedback

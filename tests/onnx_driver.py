@@ -31,8 +31,7 @@ def session(model: onnx.ModelProto | str, threads: int = 1) -> ort.InferenceSess
 def layer_selectors(policy: CachePolicy, layer: int) -> dict[str, np.ndarray]:
     """pack.onnx's selector inputs for `layer` (it computes only the layer's own key width
     and value width/group where a side has several; bind those the graph declares)."""
-    return {n: np.array([v], np.int64) for n, v in (("k_bits", policy.bits_k[layer]),
-            ("v_bits", policy.bits_v[layer]), ("v_group", policy.value_group(layer)))}
+    return {n: np.array([v], np.int64) for n, v in policy.pack_variant(layer).items()}
 
 
 class OnnxDriver:
