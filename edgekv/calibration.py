@@ -194,12 +194,15 @@ def key_feedback(model, cap: Capture, policy: CachePolicy):
 
 
 def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: torch.Tensor,
-                      widths=WIDTHS, clips=(1.0,), coarse_group: int | None = None) -> tuple[dict, dict]:
+                      widths=WIDTHS, clips=(1.0,), coarse_group: int | None = None,
+                      per_head: bool = False) -> tuple[dict, dict]:
     """Predicted loss increase (nats per scored token) for keys and for values of one layer,
     the rest of the model unquantized: {(width, clip ratio): loss} for each width and each
     of `clipping.for_width(clips, width)` (ratio 1 only at 8 bits, more at 1 bit). Keys round as
     `policy.key_feedback` says. With `coarse_group`, values also at that group size, keyed
-    (width, clip ratio, coarse_group)."""
+    (width, clip ratio, coarse_group). `per_head`: each loss is a tuple, one per KV head
+    (a KV head's error reaches only its query heads' output channels, and the diagonal
+    Fisher adds them up, so the tuple sums to the layer's loss; bench/head_widths.py)."""
     q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
     rep = hq // k.shape[0]
@@ -228,27 +231,33 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     g2 = g2[queries].view(len(queries), hq, d).transpose(0, 1)  # [Hq, Q, D]
     # Queries are a sample: scale up to the whole text, then per scored token.
     norm = 0.5 * (n / len(queries)) / (n - 1)
+
+    def total(err2: torch.Tensor):  # Fisher-weighted squared output error [Hq, Q, D] -> loss
+        loss = norm * (g2 * err2)
+        return tuple(loss.unflatten(0, (-1, rep)).sum((1, 2, 3)).tolist()) if per_head else float(loss.sum())
+
     k_rot, v_rot = rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), rotate(v[:, sl])
     fb = policy.key_feedback
     fb = None if fb is None else torch.from_numpy(fb.layer(layer).copy())[:, None]  # [H, 1, D, D]
     k_loss, v_loss = {}, {}
     for w, c in ((w, c) for w in widths for c in clipping.for_width(clips, w)):
         if nblk == 0:
-            k_loss[w, c] = v_loss[w, c] = 0.0
+            zero = (0.0,) * k.shape[0] if per_head else 0.0
+            k_loss[w, c] = v_loss[w, c] = zero
             if coarse_group is not None:
-                v_loss[w, c, coarse_group] = 0.0
+                v_loss[w, c, coarse_group] = zero
             continue
         kq = k.clone()
         kq[:, sl] = unrotate(qt.fake_quantize_keys(k_rot, w, policy.meta, c, fb, heads=-4)
                              .reshape(-1, nblk * policy.block, d))
         s_q = torch.where(full, s_f, attend(kq))
         o = torch.softmax(s_q.masked_fill(~visible, float("-inf")), -1) @ v_rep
-        k_loss[w, c] = float(norm * (g2 * (o - o_f) ** 2).sum())
+        k_loss[w, c] = total((o - o_f) ** 2)
         for g in (policy.group,) if coarse_group is None else (policy.group, coarse_group):
             vq = v.clone()
             vq[:, sl] = unrotate(qt.fake_quantize_values(v_rot, w, g, policy.meta, policy.block, c))
             dv = (p_f * ring) @ (vq - v).repeat_interleave(rep, 0)
-            v_loss[(w, c) if g == policy.group else (w, c, g)] = float(norm * (g2 * dv ** 2).sum())
+            v_loss[(w, c) if g == policy.group else (w, c, g)] = total(dv ** 2)
     return k_loss, v_loss
 
 
@@ -259,6 +268,12 @@ def calibration_ids(tokenizer, tokens: int = DEFAULT_TOKENS) -> list[int]:
     if len(ids) < 2:
         raise ValueError("calibration text gave fewer than 2 tokens")
     return ids
+
+
+def query_positions(n_tokens: int, policy: CachePolicy, queries: int = DEFAULT_QUERIES) -> torch.Tensor:
+    """The sampled query positions: evenly spaced over the part of the text that attends to a ring."""
+    first = min(n_tokens - 1, policy.sinks + policy.block)
+    return torch.linspace(first, n_tokens - 1, min(queries, n_tokens - first)).round().long().unique()
 
 
 def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
@@ -278,9 +293,7 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
     with torch.no_grad():
         cap = capture(model, ids, fisher=fisher)
         policy = policy.with_(key_feedback=key_feedback(model, cap, policy) if feedback else None)
-        # Queries: evenly spaced over the part of the text that attends to a ring.
-        first = min(n - 1, policy.sinks + policy.block)
-        qidx = torch.linspace(first, n - 1, min(queries, n - first)).round().long().unique()
+        qidx = query_positions(n, policy, queries)
         per_layer = [layer_sensitivity(cap, i, policy, qidx, widths, clips, coarse_group)
                      for i in range(len(cap.q))]
     chosen, rows = [], {}

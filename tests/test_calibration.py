@@ -275,6 +275,30 @@ def test_coarse_value_groups_are_measured_as_that_group_would_be(captured):
     assert v_loss[3, 1.0, 16] != v_loss[3, 1.0]
 
 
+def test_per_head_losses_are_the_layer_loss_on_each_heads_channels(captured):
+    """per_head splits a layer's loss by KV head: head h's entry is the loss with the Fisher
+    weights of every other group's query channels zeroed, and the entries sum to the layer's."""
+    import dataclasses
+
+    _, cap = captured
+    queries = torch.arange(10, 64, 3)
+    layer, clips = 1, (1.0, 0.9)
+    k_layer, v_layer = cal.layer_sensitivity(cap, layer, POLICY, queries, clips=clips, coarse_group=16)
+    k_head, v_head = cal.layer_sensitivity(cap, layer, POLICY, queries, clips=clips, coarse_group=16, per_head=True)
+    hkv, hq, d = cap.k[layer].shape[0], cap.q[layer].shape[0], cap.q[layer].shape[2]
+    channels = hq // hkv * d
+    for h in range(hkv):
+        g2 = torch.zeros_like(cap.grad_sq[layer])
+        g2[:, h * channels:(h + 1) * channels] = cap.grad_sq[layer][:, h * channels:(h + 1) * channels]
+        only = dataclasses.replace(cap, grad_sq=[*cap.grad_sq[:layer], g2, *cap.grad_sq[layer + 1:]])
+        k_only, v_only = cal.layer_sensitivity(only, layer, POLICY, queries, clips=clips, coarse_group=16)
+        assert {key: v[h] for key, v in k_head.items()} == pytest.approx(k_only, rel=1e-5, abs=1e-12)
+        assert {key: v[h] for key, v in v_head.items()} == pytest.approx(v_only, rel=1e-5, abs=1e-12)
+    assert {key: sum(v) for key, v in k_head.items()} == pytest.approx(k_layer, rel=1e-5)
+    assert {key: sum(v) for key, v in v_head.items()} == pytest.approx(v_layer, rel=1e-5)
+    assert len(set(k_head[2, 1.0])) == hkv  # the heads differ
+
+
 def test_calibrated_policy_chooses_value_groups_within_the_budget(tiny_model, tiny_model_dir):
     from transformers import PreTrainedTokenizerFast
 
