@@ -14,8 +14,8 @@ cache with the same window, all in lockstep.
 """
 
 import argparse
-import json
-from pathlib import Path
+
+import _feedback_codec
 
 
 def main() -> None:
@@ -28,29 +28,17 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from edgekv.calibration import calibration_ids, capture, key_feedback
-    from edgekv.export.model_loading import load_model
+    from edgekv.calibration import calibration_ids, capture
     from edgekv.key_feedback import round_with_feedback, step_matrices
-    from edgekv.methods.base import RingCodec
-    from edgekv.methods.codec_cache import method_model
-    from edgekv.policy import CachePolicy
-    from edgekv.quality.divergence import divergences
-    from edgekv.quality.text import evaluation_text
     from edgekv.reference import quant_torch as qt
-    from edgekv.reference.model import _rotate_half, kv_shape
+    from edgekv.reference.model import _rotate_half
     from edgekv.rotation import hadamard
 
-    loaded = load_model("default")
-    model, shape = loaded.model, kv_shape(loaded.model.config)
+    loaded, shape, emp, keys = _feedback_codec.load()
+    model = loaded.model
     n, d = shape.num_layers, shape.head_dim
-
-    def policy(b):
-        return CachePolicy.uniform(n, b, window=1024, sinks=4, block=32, group=32, rotation="hadamard")
-
     with torch.no_grad():
-        emp = capture(model, calibration_ids(loaded.tokenizer), fisher="empirical")
         sampled = capture(model, calibration_ids(loaded.tokenizer), fisher="sampled")
-    keys = key_feedback(model, emp, policy(3))
     h = torch.from_numpy(hadamard(d))
     hq, t_len, _ = emp.q[0].shape
     rep = hq // shape.num_kv_heads
@@ -80,12 +68,9 @@ def main() -> None:
                       for i in range(n)])
         return torch.from_numpy(step_matrices(m, damp))
 
-    class Codec(RingCodec):
+    class Codec(_feedback_codec.feedback_keys_codec(keys)):
         def __init__(self, values=None):
             self.v = values
-
-        def keys(self, layer, x, bits):
-            return qt.fake_quantize_keys(x, bits, feedback=torch.from_numpy(keys.layer(layer).copy()))
 
         def values(self, layer, x, bits, group):
             if self.v is None:
@@ -100,14 +85,9 @@ def main() -> None:
     codecs = {"nearest": Codec(), "gradient (ridge 1 %)": Codec(matrices(gradient, 0.01)),
               "gradient (ridge 30 %)": Codec(matrices(gradient, 0.3)),
               "fisher": Codec(matrices(fisher, 0.01)), "o_proj": Codec(matrices(o_proj, 0.01))}
-    ids = loaded.tokenizer(evaluation_text()).input_ids[:args.max_tokens]
-    rows = []
-    for b in (int(x) for x in args.bits.split(",")):
-        scores = divergences(method_model(model, policy(16)), [method_model(model, policy(b), c) for c in codecs.values()],
-                             ids, sequences=args.sequences)
-        rows += [{"bits": b, "values": name, "kl": r.kl, "delta_pct": r.delta_pct} for name, r in zip(codecs, scores)]
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"tokens": len(ids), "sequences": args.sequences, "rows": rows}, indent=2))
+    rows, tokens = _feedback_codec.score(loaded, shape, codecs, [int(x) for x in args.bits.split(",")],
+                                         args.max_tokens, args.sequences, "values")
+    _feedback_codec.write(args.json, rows, tokens, args.sequences)
     print("\n| bits | value rounding | KL vs fp16 | Δppl |\n|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['bits']} | {r['values']} | {r['kl']:.5f} | {r['delta_pct']:+.2f} % |")

@@ -1,5 +1,5 @@
-"""Noise shaping for values along tokens (negative result, BENCHMARKS.md "Pack speed and
-value noise shaping"): a zero-byte encoder change that carries each token's rounding error,
+"""Noise shaping for values along tokens (negative result, BENCHMARKS.md "Noise shaping
+for values along tokens"): a zero-byte encoder change that carries each token's rounding error,
 times c, into the next token of the block before it is rounded, so that the errors of
 neighbouring tokens cancel in attention's weighted sum where the weights are smooth.
 
@@ -13,8 +13,8 @@ the same window, in lockstep.
 """
 
 import argparse
-import json
-from pathlib import Path
+
+import _feedback_codec
 
 
 def main() -> None:
@@ -27,32 +27,13 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from edgekv.calibration import calibration_ids, capture, key_feedback
-    from edgekv.export.model_loading import load_model
-    from edgekv.methods.base import RingCodec
-    from edgekv.methods.codec_cache import method_model
-    from edgekv.policy import CachePolicy
-    from edgekv.quality.divergence import divergences
-    from edgekv.quality.text import evaluation_text
     from edgekv.reference import quant_torch as qt
-    from edgekv.reference.model import kv_shape
 
-    loaded = load_model("default")
-    model, shape = loaded.model, kv_shape(loaded.model.config)
+    loaded, shape, _, keys = _feedback_codec.load()
 
-    def policy(b):
-        return CachePolicy.uniform(shape.num_layers, b, window=1024, sinks=4, block=32, group=32, rotation="hadamard")
-
-    with torch.no_grad():
-        emp = capture(model, calibration_ids(loaded.tokenizer), fisher="empirical")
-    keys = key_feedback(model, emp, policy(3))
-
-    class Codec(RingCodec):
+    class Codec(_feedback_codec.feedback_keys_codec(keys)):
         def __init__(self, carry: float) -> None:
             self.carry = carry
-
-        def keys(self, layer, x, bits):
-            return qt.fake_quantize_keys(x, bits, feedback=torch.from_numpy(keys.layer(layer).copy()))
 
         def values(self, layer, x, bits, group):
             if self.carry == 0:
@@ -67,15 +48,10 @@ def main() -> None:
                 err = u - out[..., t, :, :]
             return out.reshape(x.shape)
 
-    carries = [float(c) for c in args.carry.split(",")]
-    ids = loaded.tokenizer(evaluation_text()).input_ids[:args.max_tokens]
-    rows = []
-    for b in (int(x) for x in args.bits.split(",")):
-        scores = divergences(method_model(model, policy(16)), [method_model(model, policy(b), Codec(c)) for c in carries],
-                             ids, sequences=args.sequences)
-        rows += [{"bits": b, "carry": c, "kl": r.kl, "delta_pct": r.delta_pct} for c, r in zip(carries, scores)]
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"tokens": len(ids), "sequences": args.sequences, "rows": rows}, indent=2))
+    codecs = {float(c): Codec(float(c)) for c in args.carry.split(",")}
+    rows, tokens = _feedback_codec.score(loaded, shape, codecs, [int(x) for x in args.bits.split(",")],
+                                         args.max_tokens, args.sequences, "carry")
+    _feedback_codec.write(args.json, rows, tokens, args.sequences)
     print("\n| bits | carried error | KL vs fp16 | Δppl |\n|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['bits']} | {r['carry']:g} | {r['kl']:.5f} | {r['delta_pct']:+.2f} % |")
