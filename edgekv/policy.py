@@ -120,7 +120,11 @@ class CachePolicy:
     a Hadamard matrix along head_dim, the rotation undone when read; new tokens are rounded that way before
     attention sees them), and `groups_v`: the value group of each layer's ring (empty:
     G everywhere; the sinks and residual always group by G), so calibration can coarsen
-    value metadata only where it costs little (edgekv.allocation)."""
+    value metadata only where it costs little (edgekv.allocation), and `units`: the cache
+    units, (layer, its KV heads) each, when widths differ between a layer's KV heads (empty:
+    one unit per layer holding all its heads). bits_k, bits_v and groups_v then have one
+    entry per unit; a unit is a whole cache of its own (sinks, residual and ring) over its
+    heads, so every backend runs a split layer as its units side by side."""
 
     bits_k: tuple[int, ...]
     bits_v: tuple[int, ...]
@@ -135,8 +139,11 @@ class CachePolicy:
     key_feedback: KeyFeedback | None = None
     residual: str = "fp16"
     groups_v: tuple[int, ...] = ()
+    units: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "units", tuple((int(layer), tuple(int(h) for h in heads))
+                                                for layer, heads in self.units))
         object.__setattr__(self, "bits_k", tuple(int(b) for b in self.bits_k))
         object.__setattr__(self, "bits_v", tuple(int(b) for b in self.bits_v))
         # () and "every layer at `group`" are one policy: they compare and hash equal.
@@ -157,18 +164,60 @@ class CachePolicy:
     def with_(self, **kw) -> "CachePolicy":
         return replace(self, **kw)
 
-    def value_group(self, layer: int) -> int:
-        """Channels per scale/zero group of `layer`'s ring values."""
-        return self.groups_v[layer] if self.groups_v else self.group
+    def value_group(self, unit: int) -> int:
+        """Channels per scale/zero group of a unit's ring values (a unit is a layer unless
+        the policy has `units`)."""
+        return self.groups_v[unit] if self.groups_v else self.group
 
-    def pack_variant(self, layer: int) -> dict[str, int]:
-        """`layer`'s key width, value width and value group by the names of pack.onnx's
-        per-layer selector inputs (export.onnx_pack.pack_selectors declares those it needs)."""
-        return {"k_bits": self.bits_k[layer], "v_bits": self.bits_v[layer], "v_group": self.value_group(layer)}
+    def pack_variant(self, unit: int) -> dict[str, int]:
+        """A unit's key width, value width and value group by the names of pack.onnx's
+        per-unit selector inputs (export.onnx_pack.pack_selectors declares those it needs)."""
+        return {"k_bits": self.bits_k[unit], "v_bits": self.bits_v[unit], "v_group": self.value_group(unit)}
 
     @property
     def num_layers(self) -> int:
+        return self.units[-1][0] + 1 if self.units else len(self.bits_k)
+
+    @property
+    def num_units(self) -> int:
+        """Cache units: one per layer, or `units` when a layer's heads differ in width."""
         return len(self.bits_k)
+
+    def unit_layer(self, unit: int) -> int:
+        return self.units[unit][0] if self.units else unit
+
+    def layer_units(self, layer: int) -> list[int]:
+        """The units that hold `layer`'s heads, in order."""
+        if not self.units:
+            return [layer]
+        return [u for u, (i, _) in enumerate(self.units) if i == layer]
+
+    def unit_heads(self, unit: int, num_kv_heads: int) -> tuple[int, ...]:
+        """The KV heads (of its layer) a unit holds."""
+        return self.units[unit][1] if self.units else tuple(range(num_kv_heads))
+
+    def unit_shape(self, shape: KVShape, unit: int) -> KVShape:
+        """The model's cache shape as one unit sees it (its own head count)."""
+        return KVShape(shape.num_layers, len(self.unit_heads(unit, shape.num_kv_heads)), shape.head_dim)
+
+    @classmethod
+    def from_heads(cls, bits_k: list, bits_v: list, groups_v: list | None = None, **kw) -> "CachePolicy":
+        """A policy from widths per layer and KV head (`bits_k[layer][head]`, value groups
+        likewise): a layer's heads that share (key width, value width, value group) form one
+        unit, in order of their first head; a layer whose heads all agree is one plain unit,
+        and a policy whose layers all agree has no `units` (today's per-layer format)."""
+        group = kw.get("group", 32)
+        groups_v = groups_v or [[group] * len(row) for row in bits_k]
+        units, bk, bv, gv = [], [], [], []
+        for layer, row in enumerate(zip(bits_k, bits_v, groups_v)):
+            classes: dict[tuple[int, int, int], list[int]] = {}
+            for h, key in enumerate(zip(*row)):
+                classes.setdefault(tuple(int(x) for x in key), []).append(h)
+            for (k, v, g), heads in classes.items():
+                units.append((layer, tuple(heads)))
+                bk.append(k), bv.append(v), gv.append(g)
+        split = len(units) > len(bits_k)
+        return cls(bits_k=tuple(bk), bits_v=tuple(bv), groups_v=tuple(gv), units=tuple(units) if split else (), **kw)
 
     @property
     def ring_blocks(self) -> int | None:
@@ -178,6 +227,8 @@ class CachePolicy:
         if not self.bits_k or len(self.bits_k) != len(self.bits_v):
             raise PolicyError(f"bits_k and bits_v need one entry per layer "
                               f"(got {len(self.bits_k)} and {len(self.bits_v)})")
+        if self.units:
+            self._validate_units()
         for side, bits in (("keys", self.bits_k), ("values", self.bits_v)):
             bad = sorted({b for b in bits if b not in SUPPORTED_BITS})
             if bad:
@@ -216,6 +267,20 @@ class CachePolicy:
                 raise PolicyError(f"clip has two ratios for {side} at {bits} bits")
             seen.add((side, bits))
 
+    def _validate_units(self) -> None:
+        if len(self.units) != len(self.bits_k):
+            raise PolicyError(f"bits_k and bits_v need one entry per unit ({len(self.units)} units, "
+                              f"{len(self.bits_k)} entries)")
+        layers = [layer for layer, _ in self.units]
+        if layers[0] != 0 or any(b - a not in (0, 1) for a, b in zip(layers, layers[1:])):
+            raise PolicyError(f"units must list layers 0, 1, ... in order, got layers {layers}")
+        for layer in range(self.num_layers):
+            heads = [h for u in self.layer_units(layer) for h in self.units[u][1]]
+            if not all(self.units[u][1] for u in self.layer_units(layer)) or len(set(heads)) != len(heads) \
+                    or min(heads) < 0:
+                raise PolicyError(f"layer {layer}'s units must hold distinct heads, got "
+                                  f"{[self.units[u][1] for u in self.layer_units(layer)]}")
+
     def clip_ratio(self, side: str, bits: int) -> float:
         """The range ratio `side` ("k"/"v") quantizes with at `bits` (1: plain min/max)."""
         return next((r for s, b, r in self.clip if (s, b) == (side, bits)), 1.0)
@@ -224,6 +289,11 @@ class CachePolicy:
         """Errors for a policy that does not fit a model's cache shape."""
         if shape.num_layers != self.num_layers:
             raise PolicyError(f"policy has bits for {self.num_layers} layers, model has {shape.num_layers}")
+        for layer in range(self.num_layers) if self.units else ():
+            heads = sorted(h for u in self.layer_units(layer) for h in self.units[u][1])
+            if heads != list(range(shape.num_kv_heads)):
+                raise PolicyError(f"layer {layer}'s units hold heads {heads}, the model has "
+                                  f"{shape.num_kv_heads} KV heads")
         for g in {self.group, *self.groups_v}:
             if shape.head_dim % g or shape.head_dim % 8:
                 raise PolicyError(f"group {g} must divide head_dim {shape.head_dim}")
@@ -252,8 +322,9 @@ class CachePolicy:
 
     def layer_tensors(self, shape: KVShape, layer: int, context: int | None = None,
                       batch: int = 1) -> list[TensorSpec]:
-        """Every buffer of one layer's cache, as a backend allocates it."""
-        h, d, b, g = shape.num_kv_heads, shape.head_dim, self.block, self.value_group(layer)
+        """Every buffer of one unit's cache (a layer's, unless the policy has `units`), as a
+        backend allocates it."""
+        h, d, b, g = len(self.unit_heads(layer, shape.num_kv_heads)), shape.head_dim, self.block, self.value_group(layer)
         w = self.ring_capacity(context)
         nblk = w // b
         bk, bv = self.bits_k[layer], self.bits_v[layer]
@@ -312,32 +383,33 @@ class CachePolicy:
 
     def total_bytes(self, shape: KVShape, context: int | None = None) -> int:
         self.check_shape(shape)
-        return sum(self.layer_bytes(shape, i, context) for i in range(self.num_layers))
+        return sum(self.layer_bytes(shape, u, context) for u in range(self.num_units))
 
     def fp16_equivalent(self) -> "CachePolicy":
         """The same geometry all in fp16 (ring, sinks, residual): the baseline for ratios."""
         n = self.num_layers
-        return replace(self, bits_k=(16,) * n, bits_v=(16,) * n, residual="fp16", groups_v=())
+        return replace(self, bits_k=(16,) * n, bits_v=(16,) * n, residual="fp16", groups_v=(), units=())
 
     def fp16_ratio(self, shape: KVShape, context: int | None = None) -> float:
         return self.total_bytes(shape, context) / self.fp16_equivalent().total_bytes(shape, context)
 
     def ring_bytes_per_token(self, shape: KVShape) -> float:
         """Marginal bytes one more window token costs across all layers, metadata included."""
-        h, d = shape.num_kv_heads, shape.head_dim
-        # meta bytes per block and head ("u8s": one set per block for all heads)
-        per_block = 2 * META_FIELDS * meta_heads(self.meta, h) / h if is_u8(self.meta) else 0
+        d = shape.head_dim
         total = 0.0
         for i, (bk, bv) in enumerate(zip(self.bits_k, self.bits_v)):
+            h = len(self.unit_heads(i, shape.num_kv_heads))
+            # meta bytes per block and head ("u8s": one set per block for the unit's heads)
+            per_block = 2 * META_FIELDS * meta_heads(self.meta, h) / h if is_u8(self.meta) else 0
             for bits, group in ((bk, self.block), (bv, self.value_group(i))):
                 total += h * d * 2 if bits == 16 else \
                     h * (d * (bits + self.scale_zero_bits(group)) / 8 + per_block / self.block)
         return total
 
     def average_bits(self) -> float:
-        """Mean code width over K and V of all layers (metadata excluded)."""
-        bits = self.bits_k + self.bits_v
-        return sum(bits) / len(bits)
+        """Mean code width over K and V of all layers and heads (metadata excluded)."""
+        weights = [len(heads) for _, heads in self.units] or [1] * self.num_units
+        return sum(w * (k + v) for w, k, v in zip(weights, self.bits_k, self.bits_v)) / (2 * sum(weights))
 
     def bits_per_element(self, shape: KVShape) -> float:
         """Ring bits per stored K/V element with scale/zero metadata included: what a window
@@ -356,5 +428,6 @@ class CachePolicy:
         res = "" if self.residual == "fp16" else f" residual={self.residual}"
         gv = "" if not self.groups_v else " Gv=" + ",".join(f"{g}x{self.groups_v.count(g)}"
                                                             for g in sorted(set(self.groups_v)))
+        units = "" if not self.units else f" units={len(self.units)}"  # widths per KV head
         return (f"K{k}/V{v} S{self.sinks} W{w} B{self.block} G{self.group} pos={self.positions}"
-                f"{rot}{meta}{clip}{fb}{res}{gv}")
+                f"{rot}{meta}{clip}{fb}{res}{gv}{units}")

@@ -64,12 +64,15 @@ def model_config(config) -> dict:
 
 
 def cache_manifest(policy: CachePolicy, shape) -> dict:
+    """The cache's buffers and bytes; one "layers" entry per cache unit (a layer, unless
+    policy.units splits layers by KV head: then each entry names its layer and heads)."""
     layers = []
-    for i in range(shape.num_layers):
+    for i in range(policy.num_units):
         tensors = [{"name": f"past.{i}.{t.name}", "shape": list(t.shape), "dtype": t.dtype,
                     "bytes": t.nbytes} for t in policy.layer_tensors(shape, i)]
         group_v = {"group_v": policy.value_group(i)} if policy.groups_v else {}  # absent: policy group
-        layers.append({"bits_k": policy.bits_k[i], "bits_v": policy.bits_v[i], **group_v,
+        unit = {"layer": policy.unit_layer(i), "heads": list(policy.units[i][1])} if policy.units else {}
+        layers.append({**unit, "bits_k": policy.bits_k[i], "bits_v": policy.bits_v[i], **group_v,
                        "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors})
     return {"layers": layers, "total_bytes": policy.total_bytes(shape),
             "fp16_ratio": policy.fp16_ratio(shape),
@@ -133,7 +136,9 @@ def write_bundle(loaded, policy: CachePolicy, out: Path, options: ExportOptions,
                        "clip": [list(c) for c in policy.clip],
                        "key_feedback": None if policy.key_feedback is None else key_feedback.FILE,
                        # absent: every layer's values group by `group` (bundles before groups_v too)
-                       **({"groups_v": list(policy.groups_v)} if policy.groups_v else {})},
+                       **({"groups_v": list(policy.groups_v)} if policy.groups_v else {}),
+                       # widths per KV head: bits_k ... then have one entry per unit (absent: per layer)
+                       **({"units": [[layer, list(heads)] for layer, heads in policy.units]} if policy.units else {})},
             "graphs": {"decode": "decode.onnx", "prefill": "prefill.onnx", "pack": "pack.onnx",
                        "prefill_chunk": options.prefill_chunk, "opset": options.opset,
                        "weights_dtype": options.weights_dtype,

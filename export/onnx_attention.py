@@ -27,15 +27,17 @@ def attention_inputs(bits_k: int, bits_v: int, meta: str = "fp16", residual: str
 
 
 def attention_name(bits_k: int, bits_v: int, rotate: bool = False, meta: str = "fp16",
-                   residual: str = "fp16", group_v: int | None = None) -> str:
+                   residual: str = "fp16", group_v: int | None = None, heads: int | None = None) -> str:
     """rotate: the policy rotates quantized blocks (a 16/16 layer has none to un-rotate);
     group_v: the ring values' group where it is not the sinks/residual group (functions are
-    shared by the layers of one name, so the name must tell value groups apart)."""
+    shared by the layers of one name, so the name must tell value groups apart); heads: the
+    KV heads of a unit of a split layer (policy.units; None: the model's)."""
     quantized = bits_k != 16 or bits_v != 16
     res = residual_suffix(residual)
     gv = f"_gv{group_v}" if group_v is not None and bits_v != 16 else ""
     return (f"CompressedAttention_k{bits_k}_v{bits_v}{gv}"
-            f"{_suffix(rotate and quantized, meta if quantized else 'fp16')}{res}")
+            f"{_suffix(rotate and quantized, meta if quantized else 'fp16')}{res}"
+            + ("" if heads is None else f"_h{heads}"))
 
 
 def _rope(e: Emitter, x: str, cos: str, sin: str) -> str:
@@ -83,7 +85,8 @@ def _ring_values(e: Emitter, bits: int, head_dim: int, group: int, block: int = 
 
 def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads: int,
                        head_dim: int, block: int, group: int, rotate: bool = False,
-                       meta: str = "fp16", residual: str = "fp16", group_v: int | None = None) -> FunctionProto:
+                       meta: str = "fp16", residual: str = "fp16", group_v: int | None = None,
+                       unit: bool = False) -> FunctionProto:
     """CompressedAttention_k{bk}_v{bv} (attention_name).
 
     Inputs: q [1,Hq,T,D] fp32 pre-RoPE; k, v [1,Hkv,T,D] fp32 (already rounded as the
@@ -91,7 +94,8 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     cos_q/sin_q [T,D]; mask bool [T,L+T]; the layer's cache buffers (sinks/residual in fp16
     or 8-bit per `residual` (export.onnx_plain) with `group` or per head, ring as stored, ring values
     grouped by `group_v` (None: `group`)).
-    Output: o [1,Hq,T,D] fp32. Cache slots are attended in storage order; positions and
+    Output: o [1,Hq,T,D] fp32. `unit`: the function serves a unit of a split layer (its
+    name then says num_kv_heads, export.onnx_units). Cache slots are attended in storage order; positions and
     the mask make the order irrelevant, so nothing is gathered or reordered.
 
     rotate (quantized sides only): ring keys are un-rotated before RoPE (one D x D MatMul
@@ -132,7 +136,8 @@ def attention_function(bits_k: int, bits_v: int, *, num_heads: int, num_kv_heads
     if rot_v:
         o = e.op("MatMul", o, h)
     e.op("Reshape", o, e.i64(1, num_heads, -1, head_dim), out="o")
-    name = attention_name(bits_k, bits_v, rotate, meta, residual, None if group_v == group else group_v)
+    name = attention_name(bits_k, bits_v, rotate, meta, residual, None if group_v == group else group_v,
+                          num_kv_heads if unit else None)
     return helper.make_function(DOMAIN, name,
                                 attention_inputs(bits_k, bits_v, meta, residual), ["o"], e.nodes,
                                 [helper.make_opsetid("", OPSET)])

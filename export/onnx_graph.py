@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekv.errors import UnsupportedModelError
-from edgekv.export.onnx_attention import attention_function, attention_inputs, attention_name
+from edgekv.export.onnx_units import split_attention, unit_attention, unit_buffers
 from edgekv.export.onnx_ops import DOMAIN, F16, F32, Emitter, opset_imports
 from edgekv.export.onnx_pack import IR_VERSION
 from edgekv.export.onnx_plain import plain_types, read_plain, store_new
@@ -40,9 +40,10 @@ def cache_slots(policy: CachePolicy, shape: KVShape, context: int | None = None)
 
 
 def cache_inputs(policy: CachePolicy, shape: KVShape, context: int | None = None) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, numpy dtype) of every cache buffer input, in graph order."""
-    return [(f"past.{i}.{t.name}", t.shape, t.dtype)
-            for i in range(shape.num_layers) for t in policy.layer_tensors(shape, i, context, batch=1)]
+    """(name, shape, numpy dtype) of every cache buffer input, in graph order: `past.{unit}.`
+    for each cache unit (a layer, unless policy.units splits layers by head)."""
+    return [(f"past.{u}.{t.name}", t.shape, t.dtype)
+            for u in range(policy.num_units) for t in policy.layer_tensors(shape, u, context, batch=1)]
 
 
 class _Weights:
@@ -125,24 +126,32 @@ def build_decoder(model, policy: CachePolicy, tokens: int, context: int | None =
 
         q = heads("q_proj", hq)
         # New K/V rounded as the sinks/residual store them (the outputs the runtime writes
-        # there), seen by attention right away.
-        res, g, rg = policy.residual, policy.group, policy.residual_group(d)
+        # there, `new.{unit}.`: a split layer's units each get their heads), seen by
+        # attention right away.
+        res, rg = policy.residual, policy.residual_group(d)
+        units = policy.layer_units(i)
         new_kv = []
         for side, proj in (("k", "k_proj"), ("v", "v_proj")):
-            names = plain_names(f"new.{i}.{side}", res)
-            stored = store_new(e, e.op("Cast", heads(proj, hkv), to=F16), res, rg, d, names)
+            x16 = e.op("Cast", heads(proj, hkv), to=F16)
+            if len(units) == 1:
+                stored = store_new(e, x16, res, rg, d, plain_names(f"new.{units[0]}.{side}", res))
+            else:
+                stored = store_new(e, x16, res, rg, d, plain_names(f"new.{i}.{side}.all", res))
+                for u in units:
+                    idx = e.const(np.array(policy.unit_heads(u, hkv), np.int64))
+                    for part, out in zip(stored, plain_names(f"new.{u}.{side}", res)):
+                        e.op("Gather", part, idx, axis=1, out=out)
             new_kv.append(read_plain(e, stored, res, rg, d))
-            new_outputs += [helper.make_tensor_value_info(n, dt, [1, hkv, t, d if n == names[0] else d // rg])
-                            for n, dt in zip(names, plain_types(res))]
-        bk, bv = policy.bits_k[i], policy.bits_v[i]
-        rotate = policy.rotation == "hadamard"
-        gv = policy.value_group(i)  # the ring values' group; the sinks/residual keep g
-        name = attention_name(bk, bv, rotate, policy.meta, res, None if gv == g else gv)
-        if name not in functions:
-            functions[name] = attention_function(bk, bv, num_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                                 block=policy.block, group=g, rotate=rotate,
-                                                 meta=policy.meta, residual=res, group_v=gv)
-        cache = [f"past.{i}.{n}" for n in attention_inputs(bk, bv, policy.meta, res)[8:]]
+            for u in units:
+                names = plain_names(f"new.{u}.{side}", res)
+                hu = len(policy.unit_heads(u, hkv))
+                new_outputs += [helper.make_tensor_value_info(n, dt, [1, hu, t, d if n == names[0] else d // rg])
+                                for n, dt in zip(names, plain_types(res))]
+        if len(units) == 1:
+            name = unit_attention(policy, units[0], shape, hq, False, functions)
+        else:
+            name = split_attention(policy, i, shape, hq, functions)
+        cache = [f"past.{u}.{n}" for u in units for n in unit_buffers(policy, u)]
         o = e.op(name, q, *new_kv, cos, sin, cos_q, sin_q, mask, *cache, domain=DOMAIN)
         o = e.op("Reshape", e.op("Transpose", o, perm=[0, 2, 1, 3]), e.i64(t, hq * d))
         h = e.op("Add", h, _linear(e, w, o, attn.o_proj, f"{p}.self_attn.o_proj"))

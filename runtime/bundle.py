@@ -115,6 +115,7 @@ def manifest_policy(manifest: dict, directory: str | Path | None = None) -> tupl
                              residual=p.get("residual", "fp16"),  # before the 8-bit residual: fp16
                              clip=tuple(tuple(c) for c in p.get("clip", ())),  # before clipping: none
                              groups_v=tuple(p.get("groups_v", ())),  # absent: `group` everywhere
+                             units=tuple((layer, tuple(heads)) for layer, heads in p.get("units", ())),
                              key_feedback=feedback)
         shape = KVShape(int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
         policy.check_shape(shape)
@@ -170,7 +171,7 @@ def _check_graphs(bundle: Bundle) -> None:
 
 
 def _check_cache_list(bundle: Bundle) -> None:
-    expect = [(f"past.{i}.{t.name}", t.shape, t.dtype) for i in range(bundle.shape.num_layers)
+    expect = [(f"past.{i}.{t.name}", t.shape, t.dtype) for i in range(bundle.policy.num_units)
               for t in bundle.policy.layer_tensors(bundle.shape, i)]
     if bundle.cache_tensors != expect:
         raise BundleError("manifest cache tensors do not match its policy (edited manifest or "

@@ -38,11 +38,12 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
 
 
 def new_token_buffers(policy: CachePolicy, shape: KVShape, t: int) -> list[dict[str, np.ndarray]]:
-    """Per layer, the buffers a graph with t token slots writes its new K/V into (outputs
-    `new.{layer}.{name}`): k and v fp16, or with an 8-bit residual also k_scale, k_zero, ..."""
-    dims = (1, shape.num_kv_heads, t, shape.head_dim)
-    return [{s.name: aligned_zeros(s.shape, s.dtype) for side in "kv" for s in policy.plain_tensors(side, dims)}
-            for _ in range(shape.num_layers)]
+    """Per cache unit (a layer, or with policy.units a layer's heads of one width), the
+    buffers a graph with t token slots writes its new K/V into (outputs `new.{unit}.{name}`):
+    k and v fp16, or with an 8-bit residual also k_scale, k_zero, ..."""
+    return [{s.name: aligned_zeros(s.shape, s.dtype) for side in "kv"
+             for s in policy.plain_tensors(side, (1, len(policy.unit_heads(u, shape.num_kv_heads)), t, shape.head_dim))}
+            for u in range(policy.num_units)]
 
 
 def graph_outputs(new: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -84,29 +85,50 @@ class CacheState:
         self.new_positions = {t: aligned_zeros(t, np.int64) for t in token_counts}
         self._tok = np.arange(self.B, dtype=np.int64)
         self.n_sink = self.n_res = self.blocks_pushed = 0
-        self._pack_extra = [self._pack_constants(i) for i in range(shape.num_layers)]
+        # pack.onnx packs all H heads of a block. A unit with fewer heads is packed from a
+        # copy of its residual with its heads repeated up to H: every head quantizes on its
+        # own except "u8s" block metadata, a min/max over the heads, which repeats leave as
+        # the unit's own. The first heads of the outputs are then the unit's.
+        self._pad = [self._padding(u) for u in range(policy.num_units)]
+        self._pack_extra = [self._pack_constants(u) for u in range(policy.num_units)]
 
-    def _pack_constants(self, layer: int) -> dict[str, np.ndarray]:
-        """pack.onnx's per-layer constant inputs (export.onnx_pack), aligned like every
-        buffer here: the key feedback step matrices `f` (edgekv.key_feedback) and the
-        layer's key width and value width and group (read only by a graph that computes
-        just the layer's own variant, `pack_selectors`)."""
+    def _padding(self, unit: int) -> np.ndarray | None:
+        """Unit heads repeated to the model's H (None: the unit has every head)."""
+        n, h = len(self.policy.unit_heads(unit, self.shape.num_kv_heads)), self.shape.num_kv_heads
+        return None if n == h else np.arange(h) % n
+
+    def _pack_constants(self, unit: int) -> dict[str, np.ndarray]:
+        """pack.onnx's per-unit constant inputs (export.onnx_pack), aligned like every
+        buffer here: the key feedback step matrices `f` of the unit's heads (edgekv.key_feedback)
+        and its key width and value width and group (read only by a graph that computes
+        just the unit's own variant, `pack_selectors`), and a padded unit's residual copy."""
+        p, pad = self.policy, self._pad[unit]
         extra = {}
-        for name, value in self.policy.pack_variant(layer).items():
+        for name, value in p.pack_variant(unit).items():
             extra[name] = aligned_zeros(1, np.int64)
             extra[name][0] = value
-        fb = self.policy.key_feedback
+        fb = p.key_feedback
         if fb is not None:
-            extra["f"] = aligned_zeros(fb.layer(layer).shape, np.float32)
-            extra["f"][...] = fb.layer(layer)
+            f = fb.layer(p.unit_layer(unit))[list(p.unit_heads(unit, self.shape.num_kv_heads))]
+            f = f if pad is None else f[pad]
+            extra["f"] = aligned_zeros(f.shape, np.float32)
+            extra["f"][...] = f
+        if pad is not None:
+            for n in self._residual_names():
+                own = self.buffers[f"past.{unit}.residual_{n}"]
+                extra[n] = aligned_zeros((own.shape[0], len(pad), *own.shape[2:]), own.dtype)
         return extra
 
-    def pack_inputs(self, layer: int) -> dict[str, np.ndarray]:
-        """Everything pack.onnx may take for `layer`, by input name: the residual k and v
-        (with k_scale ... for an 8-bit residual), plus its constants; a backend binds the
+    def _residual_names(self) -> list[str]:
+        return [n for side in "kv" for n in plain_names(side, self.policy.residual)]
+
+    def pack_inputs(self, unit: int) -> dict[str, np.ndarray]:
+        """Everything pack.onnx may take for a cache unit, by input name: the residual k and v
+        (with k_scale ... for an 8-bit residual; for a unit with fewer heads than the model,
+        its padded copy, refreshed before each pack), plus its constants; a backend binds the
         names its graph declares."""
-        names = [n for side in "kv" for n in plain_names(side, self.policy.residual)]
-        return {**{n: self.buffers[f"past.{layer}.residual_{n}"] for n in names}, **self._pack_extra[layer]}
+        own = {n: self.buffers[f"past.{unit}.residual_{n}"] for n in self._residual_names()}
+        return {**own, **self._pack_extra[unit]}
 
     # ---- sizes and counters (CompressedKVCache semantics) ---------------------------
     @property
@@ -198,15 +220,22 @@ class CacheState:
             return
         self.n_res += n
         if self.n_res == self.B:
-            for i in range(self.shape.num_layers):
-                self._store_block(i, pack)
+            for u in range(self.policy.num_units):
+                self._store_block(u, pack)
             self.n_res, self.blocks_pushed = 0, self.blocks_pushed + 1
 
     def _store_block(self, layer: int, pack: PackFn) -> None:
         p, pre, buf, b = self.policy, f"past.{layer}.", self.buffers, self.B
         slot = self.blocks_pushed % self.slots  # the oldest block's slot once the ring is full
         bk, bv = p.bits_k[layer], p.bits_v[layer]
+        pad = self._pad[layer]
+        if pad is not None:  # the unit's heads repeated to H (see __init__)
+            for n in self._residual_names():
+                np.take(buf[f"{pre}residual_{n}"], pad, axis=1, out=self._pack_extra[layer][n])
         packed = pack(layer) if bk < 16 or bv < 16 else {}
+        if pad is not None:
+            h = buf[f"{pre}residual_k"].shape[1]
+            packed = {name: arr[:, :h] for name, arr in packed.items()}
         if bk == 16:
             buf[pre + "ring_k"][:, :, slot] = plain_float(p, buf, pre + "residual_k")
         else:

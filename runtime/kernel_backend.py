@@ -66,9 +66,9 @@ def _library_entry(bundle: Bundle, device: str) -> dict | None:
     return None
 
 
-def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int, int], object]:
-    """tvm_kernels.params.kernel_key (bits_k, bits_v, value group) -> the packed function
-    of its decode kernel."""
+def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, ...], object]:
+    """tvm_kernels.params.kernel_key (bits_k, bits_v, value group[, KV heads]) -> the packed
+    function of its decode kernel."""
     from edgekv.runtime.tvm_backend import _import_tvm
 
     tvm = _import_tvm()
@@ -76,7 +76,7 @@ def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int, int], ob
     from edgekv.tvm_kernels.params import attn_params, kernel_key
 
     p, sh = bundle.policy, bundle.shape
-    names = kernel_names(p).decode  # the names say the cache format: a library never mismatches it
+    names = kernel_names(p, sh.num_kv_heads).decode  # the names say the cache format: a library never mismatches it
     entry = _library_entry(bundle, device)
     if entry is not None:
         lib = tvm.runtime.load_module(str(bundle.path / entry["library"]))
@@ -90,7 +90,7 @@ def decode_kernels(bundle: Bundle, device: str) -> dict[tuple[int, int, int], ob
     records = host_tuning_device()
     out = {}
     for key in names:
-        layer = next(i for i in range(p.num_layers) if kernel_key(p, i) == key)
+        layer = next(i for i in range(p.num_units) if kernel_key(p, i, sh.num_kv_heads) == key)
         params = attn_params(p, sh, layer, int(bundle.model["num_heads"]))
         out[key] = build_attention(params, host_target(), device=records)["main"]
     return out
@@ -131,13 +131,23 @@ class KernelBackend(OrtBackend):
         view = self._tvm.runtime.from_dlpack
         buf = state.buffers
         t = tables
+        # Per layer, its units' kernel calls. A unit of a split layer (policy.units) reads its
+        # query heads from q_rot into its own buffer and its output goes back the same way.
+        hq = int(bundle.model["num_heads"])
+        rep = hq // sh.num_kv_heads
         self._calls = []
         for i in range(self.num_layers):
-            params = attn_params(p, sh, i, int(bundle.model["num_heads"]), context=p.sinks + state.slots * p.block)
-            arrays = [self.q_rot, *(buf[f"past.{i}.{n}"] for n in params.cache_names),
-                      t.sink_cos, t.sink_sin, t.blk_cos, t.blk_sin, t.off_cos, t.off_sin, self.counts,
-                      self.attn_out[i]]
-            self._calls.append((kernels[kernel_key(p, i)], [view(a) for a in arrays]))
+            calls = []
+            for u in p.layer_units(i):
+                params = attn_params(p, sh, u, hq, context=p.sinks + state.slots * p.block)
+                heads = p.unit_heads(u, sh.num_kv_heads)
+                idx = None if len(heads) == sh.num_kv_heads else np.array([h * rep + r for h in heads for r in range(rep)])
+                q, o = (self.q_rot, self.attn_out[i]) if idx is None else \
+                    (aligned_zeros((1, len(idx), *self.q_rot.shape[2:]), np.float32) for _ in range(2))
+                arrays = [q, *(buf[f"past.{u}.{n}"] for n in params.cache_names),
+                          t.sink_cos, t.sink_sin, t.blk_cos, t.blk_sin, t.off_cos, t.off_sin, self.counts, o]
+                calls.append((kernels[kernel_key(p, u, sh.num_kv_heads)], [view(a) for a in arrays], idx, q, o))
+            self._calls.append(calls)
 
     # ---- setup ----------------------------------------------------------------------
     def _setup_extra_sessions(self, bundle: Bundle) -> None:
@@ -212,11 +222,16 @@ class KernelBackend(OrtBackend):
             sess.run_with_iobinding(io)
             if i == self.num_layers:
                 break
-            for name, arr in self.new[1][i].items():  # k, v (+ k_scale, k_zero, ... with an 8-bit residual)
-                buf[f"past.{i}.{part}_{name}"][:, :, at] = arr[:, :, 0]
+            for u in self.state.policy.layer_units(i):  # k, v (+ k_scale, ... with an 8-bit residual)
+                for name, arr in self.new[1][u].items():
+                    buf[f"past.{u}.{part}_{name}"][:, :, at] = arr[:, :, 0]
             self._rope_query(self.queries[i])
-            fn, args = self._calls[i]
-            fn(*args)
+            for fn, args, idx, q, o in self._calls[i]:
+                if idx is not None:
+                    np.take(self.q_rot, idx, axis=1, out=q)
+                fn(*args)
+                if idx is not None:
+                    self.attn_out[i][:, idx] = o
         return self.logits[0, 0]
 
     @property

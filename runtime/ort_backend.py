@@ -94,7 +94,7 @@ class OrtBackend:
                           if kind in self.sessions}
         pack_sess = self.sessions["pack"]
         self.packed = {o.name: np.zeros(o.shape, _NP_TYPES[o.type]) for o in pack_sess.get_outputs()}
-        self._pack_io = [self._bind_pack(i) for i in range(sh.num_layers)]
+        self._pack_io = [self._bind_pack(u) for u in range(bundle.policy.num_units)]
 
     # ---- setup ----------------------------------------------------------------------
     def _options(self, threads: int | None = None) -> ort.SessionOptions:

@@ -195,16 +195,22 @@ class Plan:
 
 def layer_bits(policy: CachePolicy) -> str:
     """'layers 0-29 3:3' with runs of equal layers merged; a layer whose values group
-    by other than policy.group says so ('layer 4 3:3 g64')."""
-    groups = [policy.value_group(i) for i in range(policy.num_layers)]
-    pairs = [(k, v, "" if g == policy.group else f" g{g}")
-             for k, v, g in zip(policy.bits_k, policy.bits_v, groups)]
+    by other than policy.group says so ('layer 4 3:3 g64'), a layer split by KV head
+    gives each unit's heads ('layer 5 [h0,2 2:3 h1 4:3]')."""
+    def unit(u: int) -> str:
+        g = policy.value_group(u)
+        return f"{policy.bits_k[u]}:{policy.bits_v[u]}" + ("" if g == policy.group else f" g{g}")
+
+    labels = []
+    for layer in range(policy.num_layers):
+        units = policy.layer_units(layer)
+        labels.append(unit(units[0]) if len(units) == 1 else "[" + " ".join(
+            "h" + ",".join(map(str, policy.units[u][1])) + " " + unit(u) for u in units) + "]")
     out, start = [], 0
-    for i in range(1, len(pairs) + 1):
-        if i == len(pairs) or pairs[i] != pairs[start]:
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
             rng = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
-            k, v, g = pairs[start]
-            out.append(f"{rng} {k}:{v}{g}")
+            out.append(f"{rng} {labels[start]}")
             start = i
     return ", ".join(out)
 

@@ -105,8 +105,8 @@ class TvmBackend:
             self._args[t] = (self._args[t], [outs[o] for o in self.graphs[kind][2]])
         _, pack_in, pack_out = self.graphs["pack"]
         self._pack_args = []
-        for layer in range(sh.num_layers):
-            res = st.pack_inputs(layer)
+        for unit in range(bundle.policy.num_units):
+            res = st.pack_inputs(unit)
             self._pack_args.append([self._view(self._checked("pack", name, shape, dt, res[name]))
                                     for name, shape, dt in pack_in])
         self._pack_names = pack_out

@@ -29,14 +29,19 @@ CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
 
 @dataclass(frozen=True)
 class KernelSet:
-    decode: dict[tuple[int, int, int], str]  # by params.kernel_key: (bits_k, bits_v, value group)
-    prefill: dict[tuple[int, int, int], str]
+    decode: dict[tuple[int, ...], str]  # by params.kernel_key: (bits_k, bits_v, value group[, KV heads])
+    prefill: dict[tuple[int, ...], str]
     pack: dict[tuple[str, int, int], str]  # (side, bits, value group; policy.group for keys)
 
 
-def kernel_names(policy: CachePolicy) -> KernelSet:
-    layers = range(policy.num_layers)
-    keys = sorted({kernel_key(policy, i) for i in layers})
+def _heads_suffix(key: tuple[int, ...]) -> str:
+    """A split layer's unit kernels say their KV head count (kernel_key's 4th entry)."""
+    return f"_h{key[3]}" if len(key) > 3 else ""
+
+
+def kernel_names(policy: CachePolicy, num_kv_heads: int) -> KernelSet:
+    layers = range(policy.num_units)
+    keys = sorted({kernel_key(policy, i, num_kv_heads) for i in layers})
     # The pack kernels neither rotate, clip, round with key feedback nor write 8-bit metadata
     # yet: such a bundle packs with pack.onnx (as every backend does today), and its library
     # holds attention kernels only.
@@ -45,24 +50,24 @@ def kernel_names(policy: CachePolicy) -> KernelSet:
     packed = {pack_key(policy, i, side) for i in layers for side in "kv"}
     packs = [] if not plain else sorted(k for k in packed if k[1] < 16)
     r, g = residual_suffix(policy.residual), policy.group
-    return KernelSet({(k, v, gv): f"decode_k{k}_v{v}{group_suffix(g, gv)}{r}" for k, v, gv in keys},
-                     {(k, v, gv): f"prefill_k{k}_v{v}{group_suffix(g, gv)}{r}" for k, v, gv in keys},
+    return KernelSet({key: f"decode_k{key[0]}_v{key[1]}{group_suffix(g, key[2])}{r}{_heads_suffix(key)}" for key in keys},
+                     {key: f"prefill_k{key[0]}_v{key[1]}{group_suffix(g, key[2])}{r}{_heads_suffix(key)}" for key in keys},
                      {pk: f"pack_{pk[0]}_b{pk[1]}{group_suffix(g, pk[2])}{r}" for pk in packs})
 
 
 def build_module(policy: CachePolicy, shape: KVShape, num_heads: int, chunk: int,
                  target: tvm.target.Target, device: str | None = None) -> tvm.IRModule:
     """All kernels of the policy, scheduled for `target`, in one IRModule."""
-    names = kernel_names(policy)
+    names = kernel_names(policy, shape.num_kv_heads)
     funcs = {}
     for key, name in names.decode.items():
-        layer = next(i for i in range(policy.num_layers) if kernel_key(policy, i) == key)
+        layer = next(i for i in range(policy.num_units) if kernel_key(policy, i, shape.num_kv_heads) == key)
         for ch, nm in ((1, name), (chunk, names.prefill[key])):
             p = attn_params(policy, shape, layer, num_heads, chunk=ch)
             funcs[nm] = scheduled_attention(p, target, device).with_attr("global_symbol", nm)
     for key, name in names.pack.items():
         side = key[0]
-        layer = next(i for i in range(policy.num_layers) if pack_key(policy, i, side) == key)
+        layer = next(i for i in range(policy.num_units) if pack_key(policy, i, side) == key)
         funcs[name] = scheduled_pack(pack_params(policy, shape, layer, side), side, target).with_attr("global_symbol", name)
     return tvm.IRModule(funcs)
 

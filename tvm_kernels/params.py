@@ -149,9 +149,12 @@ def value_group(policy: CachePolicy, layer: int) -> int:
     return policy.value_group(layer) if policy.bits_v[layer] != 16 else policy.group
 
 
-def kernel_key(policy: CachePolicy, layer: int) -> tuple[int, int, int]:
-    """(bits_k, bits_v, value group): what tells one layer's attention kernel from another's."""
-    return policy.bits_k[layer], policy.bits_v[layer], value_group(policy, layer)
+def kernel_key(policy: CachePolicy, unit: int, num_kv_heads: int | None = None) -> tuple[int, ...]:
+    """(bits_k, bits_v, value group): what tells one cache unit's attention kernel from
+    another's; a unit of a split layer (policy.units) adds its KV head count."""
+    key = (policy.bits_k[unit], policy.bits_v[unit], value_group(policy, unit))
+    heads = len(policy.units[unit][1]) if policy.units else None
+    return key if heads is None or heads == num_kv_heads else (*key, heads)
 
 
 def pack_key(policy: CachePolicy, layer: int, side: str) -> tuple[str, int, int]:
@@ -172,8 +175,12 @@ def pack_params(policy: CachePolicy, shape: KVShape, layer: int, side: str) -> P
 
 def attn_params(policy: CachePolicy, shape: KVShape, layer: int, num_heads: int,
                 chunk: int = 1, context: int | None = None) -> AttnParams:
+    """The attention kernel of cache unit `layer` (a layer, or a split layer's unit: its own
+    KV heads and their query heads)."""
     policy.check_shape(shape)
     slots = policy.ring_capacity(context) // policy.block
-    return AttnParams(num_heads, shape.num_kv_heads, shape.head_dim, policy.sinks, slots,
+    hkv = len(policy.unit_heads(layer, shape.num_kv_heads))
+    num_heads = num_heads // shape.num_kv_heads * hkv
+    return AttnParams(num_heads, hkv, shape.head_dim, policy.sinks, slots,
                       policy.block, policy.group, policy.bits_k[layer], policy.bits_v[layer], chunk,
                       policy.rotation == "hadamard", policy.meta, policy.residual, value_group(policy, layer))

@@ -7,6 +7,10 @@ tokens Hadamard-rotated along head_dim, "u8hr"), and a ring of W/B blocks: keys 
 channel over each block, values packed per token in groups of G (or fp16 at 16 bits).
 Keys are stored pre-RoPE; `view` returns them with the positions RoPE must use.
 
+A policy with `units` (widths per KV head) keeps one such cache per unit over the unit's
+heads; `append` and `view` take and return a layer's heads in model order, and everything
+below them works per unit (a unit is a layer when the policy has no `units`).
+
 Counters are shared by all layers: a forward appends the same tokens to every layer,
 then calls `commit`. A block is quantized the moment the residual fills, so attention
 always sees the residual in fp16 and the ring quantized, exactly as token-by-token
@@ -31,7 +35,7 @@ class CompressedKVCache:
         self.policy, self.shape, self.batch = policy, shape, batch
         # A window-less cache starts at `context` tokens (or one block) and grows.
         self._context = context if policy.window is not None else max(context or 0, policy.sinks + policy.block)
-        self.layers = [self._allocate(i) for i in range(shape.num_layers)]
+        self.layers = [self._allocate(u) for u in range(policy.num_units)]  # per unit
         # policy.rotation rotates K and V of quantized blocks (edgekv.rotation); bench/rotation.py
         # also sets one side alone through this dict.
         self.rotation: dict[str, torch.Tensor] = {}
@@ -51,6 +55,9 @@ class CompressedKVCache:
         self.n_sink = 0
         self.n_res = 0
         self.blocks_pushed = 0
+
+    def _heads(self, unit: int) -> list[int]:
+        return list(self.policy.unit_heads(unit, self.shape.num_kv_heads))
 
     def _allocate(self, layer: int, context: int | None = None) -> dict[str, torch.Tensor]:
         specs = self.policy.layer_tensors(self.shape, layer, context or self._context, self.batch)
@@ -156,10 +163,18 @@ class CompressedKVCache:
 
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized pre-RoPE keys and values [N,H,L,D] float32 in cache order."""
+        units = self.policy.layer_units(layer)
+        if len(units) == 1:
+            return self._view_unit(units[0])
+        parts = [self._view_unit(u) for u in units]
+        order = torch.argsort(torch.tensor([h for u in units for h in self._heads(u)]))
+        return tuple(torch.cat([part[i] for part in parts], dim=1)[:, order] for i in (0, 1))
+
+    def _view_unit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         c, p = self.layers[layer], self.policy
         bk, bv = p.bits_k[layer], p.bits_v[layer]
         order = self._ring_order()
-        n, h, d, b = self.batch, self.shape.num_kv_heads, self.shape.head_dim, p.block
+        n, h, d, b = self.batch, len(self._heads(layer)), self.shape.head_dim, p.block
         idx = torch.tensor(order, dtype=torch.long)
         if bk == 16:
             ring_k = c["ring_k"][:, :, idx].float()
@@ -192,6 +207,14 @@ class CompressedKVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write new pre-RoPE K/V [N,H,T,D] (T <= room()) into this layer; quantize and push
         the residual into the ring if it fills. Counters move in `commit`."""
+        units = self.policy.layer_units(layer)
+        if len(units) == 1:
+            return self._append_unit(units[0], k, v)
+        for u in units:
+            heads = self._heads(u)
+            self._append_unit(u, k[:, heads], v[:, heads])
+
+    def _append_unit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         t = k.shape[2]
         if t > self.room():
             raise ValueError(f"append of {t} tokens crosses a block boundary (room {self.room()})")
@@ -219,7 +242,7 @@ class CompressedKVCache:
         if bk == 16:
             c["ring_k"][:, :, slot] = rk.to(torch.float16)
         else:
-            fb = None if self.key_feedback is None else self.key_feedback[layer]
+            fb = None if self.key_feedback is None else self.key_feedback[p.unit_layer(layer)][self._heads(layer)]
             q = qt.quantize_keys(rk, bk, p.meta, p.clip_ratio("k", bk), fb)
             for part, x in zip(("codes", "scale", "zero", "meta"), q):
                 c[f"ring_k_{part}"][:, :, slot] = x
