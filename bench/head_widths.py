@@ -1,9 +1,9 @@
-"""Would a code width per KV head beat one per layer? (an experiment: the bundle format
-has one width per layer and side)
+"""Would a code width per KV head beat one per layer? (the session-23 experiment, before
+the bundle format had widths per head; bench/head_units.py measures the format itself)
 
 The shipped calibration measures each (layer, side)'s loss at every width; a KV head's
 error reaches only its own query heads' output channels, so the same measurement splits
-exactly into one loss per KV head (edgekv.calibration.layer_sensitivity, per_head). The
+exactly into one loss per KV head (edgekv.calibration.measure(heads=True)). The
 same knapsack (edgekv.allocation) then allocates 3x as many items, value groups included,
 at the same average. Both allocations are scored on the evaluation text through a ring
 codec that quantizes each KV head at its own width with the shipped formats (clip ratios,
@@ -18,34 +18,12 @@ import torch
 
 import _layouts
 
-from edgekv import clipping
-from edgekv.allocation import Sensitivity, allocate
-from edgekv.calibration import (DEFAULT_QUERIES, calibrated_policy, calibration_ids, capture, coarse_group,
-                                layer_sensitivity, measure, query_positions)
+from edgekv.allocation import allocate
+from edgekv.calibration import calibrated_policy, coarse_group, measure
 from edgekv.methods.base import RingCodec
 from edgekv.methods.codec_cache import method_model
 from edgekv.reference import quant_torch as qt
 from edgekv.reference.model import ReferenceModel
-
-
-def head_sensitivity(model, tok, base, sens: Sensitivity) -> Sensitivity:
-    """`sens` measured again with one row per (layer, KV head), layer-major, at its clip ratios."""
-    ids = calibration_ids(tok, sens.meta["tokens"])
-    policy = base.with_(key_feedback=sens.key_feedback)
-    ratio = {(side, w): c for side, w, c in sens.clip}
-    rows: dict[str, list] = {"k": [], "v": [], "coarse": []}
-    with torch.no_grad():
-        cap = capture(model, ids, fisher=sens.meta["fisher"])
-        qidx = query_positions(len(ids), policy, DEFAULT_QUERIES)
-        for i in range(len(cap.q)):
-            k_loss, v_loss = layer_sensitivity(cap, i, policy, qidx, sens.widths, clipping.CANDIDATES,
-                                               sens.coarse_group, per_head=True)
-            for side, losses, extra in (("k", k_loss, ()), ("v", v_loss, ()), ("coarse", v_loss, (sens.coarse_group,))):
-                name = "v" if side == "coarse" else side
-                per_width = [losses[(w, ratio.get((name, w), 1.0), *extra)] for w in sens.widths]
-                rows[side] += [tuple(col) for col in zip(*per_width)]  # one row per head
-    return Sensitivity(sens.widths, tuple(rows["k"]), tuple(rows["v"]), dict(sens.meta), sens.clip,
-                       sens.key_feedback, sens.coarse_group, tuple(rows["coarse"]))
 
 
 class HeadWidths(RingCodec):
@@ -87,8 +65,9 @@ def main() -> None:
     loaded, shape, ids, geometry, base = _layouts.shipped(args)
     tok, model = loaded.tokenizer, loaded.model
     hkv = shape.num_kv_heads
-    sens = measure(model, tok, base, coarse_group=coarse_group(base, model, True))  # as export measures
-    heads = head_sensitivity(model, tok, base, sens)
+    # as export measures, with the per-(layer, head) rows of the same computation
+    sens = measure(model, tok, base, coarse_group=coarse_group(base, model, True), heads=True)
+    heads = sens.per_head()
     base = base.with_(clip=sens.clip, key_feedback=sens.key_feedback)
     fine_cost = base.scale_zero_bits(base.group) - base.scale_zero_bits(sens.coarse_group)
     layouts, results = [], []

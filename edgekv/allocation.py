@@ -40,17 +40,31 @@ class Sensitivity:
     # value_coarse[layer][j] like value; () when not measured.
     coarse_group: int | None = None
     value_coarse: tuple[tuple[float, ...], ...] = ()
+    # The same per (layer, KV head), layer-major (calibration.measure(heads=True)); () when not
+    # measured. A KV head's losses sum to its layer's (calibration.layer_sensitivity).
+    key_heads: tuple[tuple[float, ...], ...] = ()
+    value_heads: tuple[tuple[float, ...], ...] = ()
+    value_coarse_heads: tuple[tuple[float, ...], ...] = ()
 
     @property
     def num_layers(self) -> int:
         return len(self.key)
+
+    def per_head(self) -> "Sensitivity":
+        """The per-head rows as a Sensitivity of their own (an item per layer and KV head:
+        `allocate` then gives widths per head, CachePolicy.from_heads makes them a policy)."""
+        if not self.key_heads:
+            raise PolicyError("these sensitivities were measured per layer only (calibration.measure(heads=True))")
+        return replace(self, key=self.key_heads, value=self.value_heads, value_coarse=self.value_coarse_heads,
+                       key_heads=(), value_heads=(), value_coarse_heads=())
 
     def restricted(self, widths) -> "Sensitivity":
         """The same measurement as if only `widths` (those of them measured) had been tried."""
         keep = [j for j, w in enumerate(self.widths) if w in widths]
         pick = lambda rows: tuple(tuple(r[j] for j in keep) for r in rows)  # noqa: E731
         return replace(self, widths=tuple(self.widths[j] for j in keep), key=pick(self.key),
-                       value=pick(self.value), value_coarse=pick(self.value_coarse),
+                       value=pick(self.value), value_coarse=pick(self.value_coarse), key_heads=pick(self.key_heads),
+                       value_heads=pick(self.value_heads), value_coarse_heads=pick(self.value_coarse_heads),
                        clip=tuple(c for c in self.clip if c[1] in widths))
 
     def predicted_loss(self, bits_k, bits_v, groups_v=()) -> float:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from edgekv import clipping
-from edgekv.allocation import WIDTHS, Sensitivity, allocate
+from edgekv.allocation import WIDTHS, Sensitivity
 from edgekv.policy import CachePolicy
 from edgekv.reference import quant_torch as qt
 from edgekv.reference.model import _rotate_half, check_supported, kv_shape
@@ -202,7 +202,8 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     `policy.key_feedback` says. With `coarse_group`, values also at that group size, keyed
     (width, clip ratio, coarse_group). `per_head`: each loss is a tuple, one per KV head
     (a KV head's error reaches only its query heads' output channels, and the diagonal
-    Fisher adds them up, so the tuple sums to the layer's loss; bench/head_widths.py)."""
+    Fisher adds them up, so the tuple sums to the layer's loss; bench/head_widths.py);
+    "both": (layer loss, per-head tuple)."""
     q, k, v, g2 = cap.q[layer], cap.k[layer], cap.v[layer], cap.grad_sq[layer]
     hq, n, d = q.shape
     rep = hq // k.shape[0]
@@ -234,7 +235,8 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
 
     def total(err2: torch.Tensor):  # Fisher-weighted squared output error [Hq, Q, D] -> loss
         loss = norm * (g2 * err2)
-        return tuple(loss.unflatten(0, (-1, rep)).sum((1, 2, 3)).tolist()) if per_head else float(loss.sum())
+        heads = tuple(loss.unflatten(0, (-1, rep)).sum((1, 2, 3)).tolist()) if per_head else None
+        return {False: float(loss.sum()), True: heads, "both": (float(loss.sum()), heads)}[per_head]
 
     k_rot, v_rot = rotate(k[:, sl]).reshape(-1, nblk, policy.block, d), rotate(v[:, sl])
     fb = policy.key_feedback
@@ -242,7 +244,8 @@ def layer_sensitivity(cap: Capture, layer: int, policy: CachePolicy, queries: to
     k_loss, v_loss = {}, {}
     for w, c in ((w, c) for w in widths for c in clipping.for_width(clips, w)):
         if nblk == 0:
-            zero = (0.0,) * k.shape[0] if per_head else 0.0
+            heads = (0.0,) * k.shape[0]
+            zero = {False: 0.0, True: heads, "both": (0.0, heads)}[per_head]
             k_loss[w, c] = v_loss[w, c] = zero
             if coarse_group is not None:
                 v_loss[w, c, coarse_group] = zero
@@ -278,7 +281,8 @@ def query_positions(n_tokens: int, policy: CachePolicy, queries: int = DEFAULT_Q
 
 def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
             queries: int = DEFAULT_QUERIES, widths=WIDTHS, fisher: str = DEFAULT_FISHER,
-            clips=clipping.CANDIDATES, feedback: bool = True, coarse_group: int | None = None) -> Sensitivity:
+            clips=clipping.CANDIDATES, feedback: bool = True, coarse_group: int | None = None,
+            heads: bool = False) -> Sensitivity:
     """Sensitivity of every layer's keys and values at every width, measured on the
     calibration text with `policy`'s geometry (sinks, block, group, window). Per side and
     width, the range ratio among `clips` with the least loss summed over layers is chosen
@@ -286,7 +290,9 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
     `feedback`: keys round query-aware with step matrices fitted on the same queries
     (edgekv.key_feedback; returned as `Sensitivity.key_feedback`), else to nearest.
     `coarse_group`: values are also measured with scale/zero per that many channels, at the
-    range ratio chosen for `policy.group` (`Sensitivity.value_coarse`)."""
+    range ratio chosen for `policy.group` (`Sensitivity.value_coarse`). `heads`: also one
+    row per (layer, KV head) at the same ratios (`Sensitivity.per_head`), from the same
+    computation (layer_sensitivity's per-head split)."""
     t0 = time.perf_counter()
     ids = calibration_ids(tokenizer, tokens)
     n = len(ids)
@@ -294,8 +300,13 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
         cap = capture(model, ids, fisher=fisher)
         policy = policy.with_(key_feedback=key_feedback(model, cap, policy) if feedback else None)
         qidx = query_positions(n, policy, queries)
-        per_layer = [layer_sensitivity(cap, i, policy, qidx, widths, clips, coarse_group)
-                     for i in range(len(cap.q))]
+        both = [layer_sensitivity(cap, i, policy, qidx, widths, clips, coarse_group, per_head="both" if heads else False)
+                for i in range(len(cap.q))]
+    if heads:  # (layer losses, per-head losses) per layer and side
+        per_layer = [tuple({key: x[0] for key, x in side.items()} for side in layer) for layer in both]
+        per_layer_heads = [tuple({key: x[1] for key, x in side.items()} for side in layer) for layer in both]
+    else:
+        per_layer, per_layer_heads = both, []
     chosen, rows = [], {}
     for j, side in enumerate(clipping.SIDES):
         losses = [layer[j] for layer in per_layer]
@@ -303,8 +314,12 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
                 for w in widths}
         chosen += [(side, w, c) for w, c in best.items() if c != 1.0]
         rows[side] = tuple(tuple(r[w, best[w]] for w in widths) for r in losses)
+        # per (layer, head), layer-major: each head's losses at the layer's chosen ratios
+        head_losses = [layer[j] for layer in per_layer_heads]
+        rows[side + "_heads"] = _head_rows(head_losses, lambda w: (w, best[w]), widths)
         if side == "v" and coarse_group is not None:
             rows["coarse"] = tuple(tuple(r[w, best[w], coarse_group] for w in widths) for r in losses)
+            rows["coarse_heads"] = _head_rows(head_losses, lambda w: (w, best[w], coarse_group), widths)
     keys, values = rows["k"], rows["v"]
     from edgekv.quality.text import DEFAULT_TEXT_SOURCE
 
@@ -315,7 +330,14 @@ def measure(model, tokenizer, policy: CachePolicy, tokens: int = DEFAULT_TOKENS,
             "clip_candidates": list(clips), "key_rounding": "feedback" if feedback else "nearest",
             "seconds": round(time.perf_counter() - t0, 2)}
     return Sensitivity(tuple(widths), keys, values, meta, clip=tuple(chosen), key_feedback=policy.key_feedback,
-                       coarse_group=coarse_group, value_coarse=rows.get("coarse", ()))
+                       coarse_group=coarse_group, value_coarse=rows.get("coarse", ()),
+                       key_heads=rows["k_heads"], value_heads=rows["v_heads"],
+                       value_coarse_heads=rows.get("coarse_heads", ()))
+
+
+def _head_rows(per_layer: list[dict], key, widths) -> tuple[tuple[float, ...], ...]:
+    """Rows (one per layer and KV head, layer-major) of per-head losses {key(w): tuple}."""
+    return tuple(tuple(col) for layer in per_layer for col in zip(*(layer[key(w)] for w in widths)))
 
 
 def coarse_group(base: CachePolicy, model, value_groups: bool) -> int | None:
@@ -326,18 +348,21 @@ def coarse_group(base: CachePolicy, model, value_groups: bool) -> int | None:
 def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
                       sens: Sensitivity | None = None, select: bool = True,
                       clips=clipping.CANDIDATES, feedback: bool = True,
-                      value_groups: bool = False) -> tuple[CachePolicy, dict]:
+                      value_groups: bool = False, per_head: bool = False) -> tuple[CachePolicy, dict]:
     """(`base` with calibrated per-layer bits for an average of `target`, the manifest's
     'allocation' section: how the bits were chosen). `sens`: an earlier `measure` of the
     same geometry (else measured here with `clips`). `select`: choose among the allocation,
     a shrunk allocation and uniform by KL on further calibration tokens
     (edgekv.layout_selection); else the allocation. `value_groups`: each layer's values
     group by `base.group` or twice that (policy.groups_v), chosen with the widths within
-    the same bytes (edgekv.allocation)."""
+    the same bytes (edgekv.allocation). `per_head`: widths per KV head are a candidate too
+    (policy.units; needs `sens` measured with heads, as it is here when `sens` is None)."""
     from edgekv.layout_selection import SELECTION_TOKENS, select as select_layout
 
     sens = sens or measure(model, tokenizer, base, clips=clips, feedback=feedback,
-                           coarse_group=coarse_group(base, model, value_groups))
+                           coarse_group=coarse_group(base, model, value_groups), heads=per_head)
+    if not per_head:
+        sens = replace(sens, key_heads=(), value_heads=(), value_coarse_heads=())
     # every candidate layout quantizes as it was measured
     base = base.with_(clip=sens.clip, key_feedback=sens.key_feedback)
     fine_cost = base.scale_zero_bits(base.group) - base.scale_zero_bits(sens.coarse_group or base.group)
@@ -348,13 +373,19 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
         if len(held_out) >= 2 * base.block:  # the plain allocation is one of its candidates
             _, policy, selection = select_layout(model, held_out, sens, base, target, fine_cost)
     if policy is None:
-        alloc = allocate(sens, target, base.group, fine_cost)
-        policy = base.with_(bits_k=alloc.bits_k, bits_v=alloc.bits_v, groups_v=alloc.groups_v)
+        from edgekv.layout_selection import candidates
+
+        cands = candidates(sens, base, target, fine_cost, kv_shape(model.config))  # the plain allocation first
+        policy = next((p for name, p in cands.items() if "per head" in name), None) if per_head else None
+        policy = policy or next(iter(cands.values()))
     in_use = {"k": set(policy.bits_k), "v": set(policy.bits_v)}  # ratios only for widths in use
     policy = policy.with_(clip=tuple(c for c in policy.clip if c[1] in in_use[c[0]]))
     shape = kv_shape(model.config)
     n = base.num_layers
-    predicted = sens.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v)
+    if policy.units:
+        predicted = sens.per_head().predicted_loss(*policy.head_widths(shape.num_kv_heads))
+    else:
+        predicted = sens.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v)
     uniform_loss = None
     if float(target).is_integer() and int(target) in sens.widths:
         uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)
@@ -368,6 +399,7 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
                      "least summed predicted loss" + ("" if not sens.value_coarse else
                      f"; value groups {base.group} or {sens.coarse_group} (-{fine_cost:g} bits) per layer"),
         "groups_v": list(policy.groups_v),
+        **({"units": [[i, list(h)] for i, h in policy.units]} if policy.units else {}),
         "selection": selection,
         "predicted_loss_nats": predicted,
         "predicted_delta_ppl_pct": 100.0 * math.expm1(predicted),

@@ -81,7 +81,7 @@ def _run_eval(args) -> int:
     text, source = read_text(args.text)
     geometry = (args.window, args.sinks, args.block, args.group, args.positions, args.rotation, args.meta,
                 args.residual, args.clip == "calibrated", args.key_rounding == "feedback",
-                args.value_groups == "calibrated")
+                args.value_groups == "calibrated", args.head_widths == "calibrated")
     settings = [EvalSetting(16, 16, *geometry)]
     for b in dict.fromkeys(args.bits):
         if b == 16:
@@ -133,6 +133,11 @@ def _add_layout_arg(p) -> None:
                         "scale/zero over --group or twice as many channels, chosen with the widths "
                         "in the same bytes (metadata saved buys wider codes; SmolLM2: 16 %% less KL "
                         "at 2 bits, 3 %% at 3); fixed: --group everywhere")
+    p.add_argument("--head-widths", choices=["calibrated", "off"], default="calibrated",
+                   help="calibrated layouts only: calibrated also allocates a width per KV head (a "
+                        "layer's heads of one width form a cache unit) and keeps that layout where "
+                        "it beats the per-layer ones on held-out calibration text; off: one width "
+                        "per layer and side")
 
 
 def _check_target(b: float) -> None:
@@ -283,7 +288,8 @@ def _export_policy(args, num_layers: int, loaded=None):
     return calibrated_policy(loaded.model, loaded.tokenizer, base, args.bits,
                              clips=candidates(args.clip == "calibrated"),
                              feedback=args.key_rounding == "feedback",
-                             value_groups=args.value_groups == "calibrated")
+                             value_groups=args.value_groups == "calibrated",
+                             per_head=args.head_widths == "calibrated")
 
 
 def _run_export(args) -> int:

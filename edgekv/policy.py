@@ -9,7 +9,7 @@ the policy alone, so what is reported is what is allocated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 from edgekv.errors import PolicyError
@@ -218,6 +218,22 @@ class CachePolicy:
                 bk.append(k), bv.append(v), gv.append(g)
         split = len(units) > len(bits_k)
         return cls(bits_k=tuple(bk), bits_v=tuple(bv), groups_v=tuple(gv), units=tuple(units) if split else (), **kw)
+
+    def with_head_widths(self, bits_k: list, bits_v: list, groups_v: list | None = None) -> "CachePolicy":
+        """This policy with widths per layer and KV head instead (from_heads)."""
+        keep = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("bits_k", "bits_v", "groups_v", "units")}
+        return CachePolicy.from_heads(bits_k, bits_v, groups_v, **keep)
+
+    def head_widths(self, num_kv_heads: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(key width, value width, value group) of every KV head, layer-major: the inverse
+        of from_heads."""
+        out = [[0] * (self.num_layers * num_kv_heads) for _ in range(3)]
+        for u in range(self.num_units):
+            for h in self.unit_heads(u, num_kv_heads):
+                at = self.unit_layer(u) * num_kv_heads + h
+                out[0][at], out[1][at], out[2][at] = self.bits_k[u], self.bits_v[u], self.value_group(u)
+        return tuple(out[0]), tuple(out[1]), tuple(out[2])
 
     @property
     def ring_blocks(self) -> int | None:

@@ -152,7 +152,7 @@ def test_measure_keeps_the_clip_ratio_with_the_least_summed_loss(tiny_model, tin
 
 def test_export_calibrates_by_default_and_records_it(tiny_model_dir, tmp_path):
     out = tmp_path / "cal"
-    m = _export(tiny_model_dir, out, "--bits", "2.5", "--value-groups", "fixed")
+    m = _export(tiny_model_dir, out, "--bits", "2.5", "--value-groups", "fixed", "--head-widths", "off")
     a, p = m["allocation"], m["policy"]
     assert a["layout"] == "calibrated" and a["target_bits"] == 2.5
     assert a["average_bits"] == p["average_bits"] <= 2.5
@@ -335,3 +335,43 @@ def test_export_value_groups_stay_within_the_bytes_of_the_target(tiny_model_dir,
         if groups:
             assert "value groups 8 or 16" in m["allocation"]["allocator"]
     assert ratios["calibrated"] <= ratios["fixed"] + 1e-12
+
+
+def test_measure_with_heads_and_the_per_head_candidate(tiny_model, tiny_model_dir):
+    """measure(heads=True): per-(layer, head) rows at the layer's chosen ratios that sum to the
+    layer rows; calibrated_policy(per_head=True) allocates them into a policy with units
+    (the per-head widths average what policy.average_bits says)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from edgekv.reference.model import kv_shape
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    base = CachePolicy.uniform(2, 3, sinks=2, window=64, block=8, group=8, meta="u8s")
+    sens = cal.measure(tiny_model, tokenizer, base, tokens=96, queries=24, clips=(1.0, 0.9),
+                       coarse_group=cal.coarse_group(base, tiny_model, True), heads=True)
+    plain = cal.measure(tiny_model, tokenizer, base, tokens=96, queries=24, clips=(1.0, 0.9),
+                        coarse_group=cal.coarse_group(base, tiny_model, True))
+    assert (sens.key, sens.value, sens.value_coarse, sens.clip) == (plain.key, plain.value, plain.value_coarse,
+                                                                     plain.clip)
+    hkv = kv_shape(tiny_model.config).num_kv_heads
+    heads = sens.per_head()
+    assert heads.num_layers == 2 * hkv and plain.key_heads == ()
+    for rows, per_layer in ((heads.key, sens.key), (heads.value, sens.value), (heads.value_coarse, sens.value_coarse)):
+        summed = [tuple(sum(col) for col in zip(*rows[i * hkv:(i + 1) * hkv])) for i in range(2)]
+        assert summed == [pytest.approx(r, rel=1e-5) for r in per_layer]
+    for target in (2.0, 3.0):
+        policy, record = cal.calibrated_policy(tiny_model, tokenizer, base, target, sens=sens, select=False,
+                                               value_groups=True, per_head=True)
+        bk, bv, gv = policy.head_widths(hkv)
+        assert (sum(bk) + sum(bv)) / (2 * len(bk)) == policy.average_bits()
+        assert record["predicted_loss_nats"] == pytest.approx(heads.predicted_loss(bk, bv, gv))
+        assert record.get("units", []) == [[i, list(h)] for i, h in policy.units]
+    # the per-head candidate joins the selection's (by KL on held-out calibration tokens)
+    from edgekv.layout_selection import candidates
+
+    shape = kv_shape(tiny_model.config)
+    cands = candidates(sens, base, 2.0, shape=shape)
+    per_head = next(p for name, p in cands.items() if "per head" in name)
+    # never more bytes than the per-layer allocation, though every split unit stores its own metadata
+    assert per_head.total_bytes(shape) <= next(iter(cands.values())).total_bytes(shape)
+    assert not any("per head" in name for name in candidates(plain, base, 2.0, shape=shape))

@@ -64,7 +64,7 @@ def _eval_tiny(tmp_path, model_dir, *args) -> dict:
 
 def test_eval_calibrated_rows_carry_their_allocation(tmp_path, tiny_model_dir):
     row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "2.5", "--meta", "fp16", "--residual", "fp16",
-                     "--value-groups", "fixed")
+                     "--value-groups", "fixed", "--head-widths", "off")
     assert row["setting"] == "calibrated 2.5-bit W64 hadamard" and len(row["bits_k"]) == 2
     assert row["average_bits"] == sum(row["bits_k"] + row["bits_v"]) / 4 <= 2.5
     assert row["bits_per_element"] == row["average_bits"] + 4  # fp16 scale + zero per 8
@@ -75,7 +75,8 @@ def test_eval_kv_ratio_evaluates_what_export_would_pick(tmp_path, tiny_model_dir
     from edgekv.allocation import average_for_fp16_ratio
     from edgekv.policy import CachePolicy, KVShape
 
-    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "16", "--kv-ratio", "0.4", "--value-groups", "fixed")
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "16", "--kv-ratio", "0.4", "--value-groups", "fixed",
+                     "--head-widths", "off")
     base = CachePolicy.uniform(2, 2, window=64, sinks=4, block=8, group=8, rotation="hadamard", meta="u8s",
                                residual="u8hr")
     assert row["setting"] == "calibrated 0.4x fp16 W64 hadamard meta u8s residual u8hr"
@@ -114,6 +115,6 @@ def test_eval_u8_residual_row_against_an_fp16_baseline(tmp_path, tiny_model_dir)
 
 def test_eval_value_groups_row(tmp_path, tiny_model_dir):
     fixed = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "3", "--value-groups", "fixed")
-    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "3")  # calibrated groups are the default
-    assert row["setting"].endswith(" value groups") and set(row["groups_v"]) <= {8, 16}
+    row = _eval_tiny(tmp_path, tiny_model_dir, "--bits", "3")  # calibrated groups (and head widths) are the default
+    assert row["setting"].endswith(" value groups per head") and set(row["groups_v"]) <= {8, 16}
     assert fixed["groups_v"] == [] and row["fp16_ratio"] <= fixed["fp16_ratio"] + 1e-12

@@ -63,10 +63,18 @@ def mixed_bundles(tiny_model_dir, tmp_path_factory):
         policy = CachePolicy(bits_k=WIDTHS_K, bits_v=WIDTHS_V, window=32, sinks=4, block=8, group=8, meta=meta,
                              rotation="hadamard", clip=CLIPS, key_feedback=_key_feedback(shape), residual=meta)
         out[meta] = make_bundle(model, tiny_model_dir, tmp_path_factory.mktemp(meta) / "b", policy)
+    # widths per KV head (policy.units): head 1 of each layer takes the next layer's widths
+    n = len(WIDTHS_K)
+    split = CachePolicy.from_heads([(WIDTHS_K[i], WIDTHS_K[(i + 1) % n]) for i in range(n)],
+                                   [(WIDTHS_V[i], WIDTHS_V[(i + 1) % n]) for i in range(n)], window=32, sinks=4,
+                                   block=8, group=8, meta="u8s", rotation="hadamard", clip=CLIPS,
+                                   key_feedback=_key_feedback(shape), residual="u8hr")
+    assert split.units
+    out["split"] = make_bundle(model, tiny_model_dir, tmp_path_factory.mktemp("split") / "b", split)
     return out
 
 
-@pytest.mark.parametrize("meta", ["fp16", "u8"])
+@pytest.mark.parametrize("meta", ["fp16", "u8", "split"])
 def test_exported_graphs_run_entirely_on_cuda(mixed_bundles, meta, capsys):
     found = bundle_fallbacks(mixed_bundles[meta])
     assert set(found) == {"decode.onnx", "prefill.onnx", "pack.onnx"}

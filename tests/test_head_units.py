@@ -23,6 +23,10 @@ def test_from_heads_groups_a_layers_heads_into_units():
     assert (p.bits_k, p.bits_v, p.num_layers, p.num_units) == ((2, 4, 3), (3, 3, 2), 2, 3)
     assert p.layer_units(0) == [0, 1] and p.layer_units(1) == [2] and p.unit_layer(1) == 0
     assert p.unit_heads(2, 3) == (0, 1, 2) and "units=3" in p.describe()
+    assert p.head_widths(3) == ((2, 4, 2, 3, 3, 3), (3, 3, 3, 2, 2, 2), (8,) * 6)  # from_heads, inverted
+    from edgekv.runtime.planner import layer_bits
+
+    assert layer_bits(p) == "layer 0 [h0,2 2:3 h1 4:3], layer 1 3:2"  # what `edgekv plan` prints
     # the mean over every head: (2*2 + 4 + 3*3 ... ) / elements
     assert p.average_bits() == pytest.approx((2 + 4 + 2 + 3 * 3 + 3 * 3 + 2 * 3) / 12)
     # a layout whose layers agree across heads is today's per-layer format

@@ -18,6 +18,8 @@ from edgekv.reference.cache import CompressedKVCache
 class CodecCache(CompressedKVCache):
     def __init__(self, policy: CachePolicy, shape: KVShape, batch: int = 1,
                  context: int | None = None, codec: RingCodec | None = None) -> None:
+        if policy.units:  # a codec quantizes whole layers (it would also widen every unit to 16 bits wrongly)
+            raise ValueError("the codec caches take one width per layer (a policy without units)")
         self.codec = codec or UniformCodec()
         self.bits_k, self.bits_v = policy.bits_k, policy.bits_v
         # Allocated as a 16-bit ring (same slots), then widened to float32: dequantized values.

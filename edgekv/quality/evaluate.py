@@ -27,6 +27,7 @@ class EvalSetting:
     clip: bool = True  # calibrated settings: calibrate range clipping too (edgekv.clipping)
     feedback: bool = True  # calibrated settings: round keys query-aware (edgekv.key_feedback)
     value_groups: bool = False  # calibrated settings: value group G or 2G per layer (policy.groups_v)
+    head_widths: bool = False  # calibrated settings: widths per KV head are a candidate (policy.units)
     calibrated: float | None = None  # average code width: per-layer bits from calibration
     kv_ratio: float | None = None  # instead: the widest calibrated average within this x fp16
 
@@ -42,14 +43,15 @@ class EvalSetting:
         if self.calibrated is not None or self.kv_ratio is not None:
             what = f"{self.calibrated:g}-bit" if self.kv_ratio is None else f"{self.kv_ratio:g}x fp16"
             return (f"calibrated {what} {w}" + ("" if self.clip else " min/max")
-                    + ("" if self.feedback else " nearest") + (" value groups" if self.value_groups else ""))
+                    + ("" if self.feedback else " nearest") + (" value groups" if self.value_groups else "")
+                    + (" per head" if self.head_widths else ""))
         kv = "fp16" if self.bits_k == self.bits_v == 16 else (
             f"{self.bits_k}-bit" if self.bits_k == self.bits_v else f"K{self.bits_k}/V{self.bits_v}")
         return f"{kv} {w}"
 
     def geometry(self) -> tuple:
         return (self.window, self.sinks, self.block, self.group, self.positions, self.rotation, self.meta,
-                self.residual, self.clip, self.feedback, self.value_groups)
+                self.residual, self.clip, self.feedback, self.value_groups, self.head_widths)
 
     def policy(self, num_layers: int) -> CachePolicy:
         """The cache policy; for a calibrated setting, its geometry with the base widths
@@ -171,9 +173,9 @@ def calibrated_setting(model, tokenizer, s: EvalSetting, num_layers: int, memo: 
     if key not in memo:
         base = s.policy(num_layers)
         memo[key] = measure(model, tokenizer, base, clips=candidates(s.clip), feedback=s.feedback,
-                            coarse_group=coarse_group(base, model, s.value_groups))
+                            coarse_group=coarse_group(base, model, s.value_groups), heads=s.head_widths)
     policy, _ = calibrated_policy(model, tokenizer, s.policy(num_layers), s.calibrated, sens=memo[key],
-                                  value_groups=s.value_groups)
+                                  value_groups=s.value_groups, per_head=s.head_widths)
     return policy, memo[key]
 
 

@@ -1,0 +1,57 @@
+"""Widths per KV head in the cache format (policy.units) against one width per layer and
+side, each chosen as `edgekv export` chooses it (calibration.calibrated_policy, with and
+without `per_head`: the same sensitivities, and the per-head allocation one more candidate
+of the selection by KL on held-out calibration tokens), scored in lockstep with the fp16
+cache of the same geometry on the evaluation text. bench/head_widths.py measured the same
+idea through a ring codec before the format had it.
+
+    .venv/bin/python bench/head_units.py --bits 2,2.5,3,4 --max-tokens 6144 --sequences 2
+"""
+
+import _layouts
+
+from edgekv.calibration import calibrated_policy, coarse_group, measure
+from edgekv.reference.model import ReferenceModel
+
+
+def main() -> None:
+    ap = _layouts.shipped_parser(__doc__, "bench/results/head-units-smollm2.json")
+    ap.add_argument("--passkey-lengths", default="", help="also passkey for the per-head caches, e.g. 768,1024")
+    ap.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.set_defaults(bits="2,2.5,3,4", max_tokens=6144, sequences=2)
+    args = ap.parse_args()
+    loaded, shape, ids, geometry, base = _layouts.shipped(args)
+    model, tok = loaded.model, loaded.tokenizer
+    sens = measure(model, tok, base, coarse_group=coarse_group(base, model, True), heads=True)  # as export does
+    layouts, selections = [], []
+    for target in _layouts.targets(args):
+        for name, per_head in (("per layer", False), ("per head", True)):
+            policy, record = calibrated_policy(model, tok, base, target, sens=sens, value_groups=True,
+                                               per_head=per_head)
+            chosen = record["selection"]["chosen"]
+            split = sum(len(policy.layer_units(i)) > 1 for i in range(policy.num_layers))
+            print(f"{target:g} bits, {name}: selection chose {chosen!r}; {split} split layers, "
+                  f"{policy.num_units} units", flush=True)
+            layouts.append(({"target": target, "layout": name, "chosen": chosen, "split_layers": split,
+                             "units": [[i, list(h)] for i, h in policy.units]}, policy))
+            selections.append({"target": target, "layout": name, "selection": record["selection"]})
+    rows, seconds = _layouts.score(loaded, shape, geometry, layouts, ids, args.sequences)
+    if args.passkey_lengths:
+        from edgekv.quality.passkey import passkey
+
+        lengths = [int(x) for x in args.passkey_lengths.split(",")]
+        depths = [float(x) for x in args.passkey_depths.split(",")]
+        for row, (fields, policy) in zip(rows, layouts):
+            if fields["layout"] == "per head":
+                trials = passkey(ReferenceModel(model, policy), tok, lengths, depths)
+                row["passkey_pct"] = 100.0 * sum(t.found for t in trials) / len(trials)
+                row["passkey_trials"] = len(trials)
+    print()
+    _layouts.print_table(rows, (_layouts.TARGET, _layouts.LAYOUT, _layouts.column("chosen", "chosen"),
+                                _layouts.column("split layers", "split_layers", "d")))
+    _layouts.write(args.json, loaded, ids, args.sequences, meta=args.meta, residual=args.residual,
+                   eval_seconds=seconds, rows=rows, selections=selections)
+
+
+if __name__ == "__main__":
+    main()
