@@ -79,6 +79,14 @@ class Sensitivity:
         return total
 
 
+def policy_loss(sens: Sensitivity, policy, num_kv_heads: int) -> float:
+    """`sens.predicted_loss` of a CachePolicy's widths: per KV head (`sens.per_head()`) when
+    the policy splits layers into units, else per layer."""
+    if policy.units:
+        return sens.per_head().predicted_loss(*policy.head_widths(num_kv_heads))
+    return sens.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v)
+
+
 @dataclass(frozen=True)
 class Allocation:
     bits_k: tuple[int, ...]

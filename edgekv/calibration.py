@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from edgekv import clipping
-from edgekv.allocation import WIDTHS, Sensitivity
+from edgekv.allocation import WIDTHS, Sensitivity, policy_loss
 from edgekv.policy import CachePolicy
 from edgekv.reference import quant_torch as qt
 from edgekv.reference.model import _rotate_half, check_supported, kv_shape
@@ -382,10 +382,7 @@ def calibrated_policy(model, tokenizer, base: CachePolicy, target: float,
     policy = policy.with_(clip=tuple(c for c in policy.clip if c[1] in in_use[c[0]]))
     shape = kv_shape(model.config)
     n = base.num_layers
-    if policy.units:
-        predicted = sens.per_head().predicted_loss(*policy.head_widths(shape.num_kv_heads))
-    else:
-        predicted = sens.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v)
+    predicted = policy_loss(sens, policy, shape.num_kv_heads)
     uniform_loss = None
     if float(target).is_integer() and int(target) in sens.widths:
         uniform_loss = sens.predicted_loss((int(target),) * n, (int(target),) * n)

@@ -366,6 +366,13 @@ def test_measure_with_heads_and_the_per_head_candidate(tiny_model, tiny_model_di
         assert (sum(bk) + sum(bv)) / (2 * len(bk)) == policy.average_bits()
         assert record["predicted_loss_nats"] == pytest.approx(heads.predicted_loss(bk, bv, gv))
         assert record.get("units", []) == [[i, list(h)] for i, h in policy.units]
+    # the prediction of any policy: per head for a split one (edgekv eval and export report it)
+    from edgekv.allocation import policy_loss
+
+    split = base.with_head_widths([[1, 3], [2, 2]], [[4, 2], [2, 3]])
+    assert split.units and policy_loss(sens, split, hkv) == heads.predicted_loss((1, 3, 2, 2), (4, 2, 2, 3),
+                                                                                 (8, 8, 8, 8))
+    assert policy_loss(sens, base, hkv) == sens.predicted_loss(base.bits_k, base.bits_v)
     # the per-head candidate joins the selection's (by KL on held-out calibration tokens)
     from edgekv.layout_selection import candidates
 

@@ -102,6 +102,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
     holds what it measured."""
     import math
 
+    from edgekv.allocation import policy_loss
     from edgekv.reference.model import ReferenceModel, kv_shape
 
     ids = tokenizer(text).input_ids[:max_tokens]
@@ -133,7 +134,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
         context = len(ids) // sequences
         predicted = None
         if sens_used is not None:
-            predicted = 100.0 * math.expm1(sens_used.predicted_loss(policy.bits_k, policy.bits_v, policy.groups_v))
+            predicted = 100.0 * math.expm1(policy_loss(sens_used, policy, shape.num_kv_heads))
         per_layer = s.calibrated is not None
         rows.append(EvalRow(
             setting=s.label, bits_k=list(policy.bits_k) if per_layer else s.bits_k,
@@ -158,7 +159,7 @@ def run_eval(model, tokenizer, settings: list[EvalSetting], text: str, max_token
         g = s.geometry()
         if row.predicted_delta_pct is None and g in sens and policy.average_bits() < 16 \
                 and (policy.clip, policy.key_feedback) == (sens[g].clip, sens[g].key_feedback):
-            row.predicted_delta_pct = 100.0 * math.expm1(sens[g].predicted_loss(policy.bits_k, policy.bits_v))
+            row.predicted_delta_pct = 100.0 * math.expm1(policy_loss(sens[g], policy, shape.num_kv_heads))
     _fill_deltas(rows)
     return rows
 
