@@ -25,6 +25,24 @@ def _run(bundle, backend, prompt, n):
     return toks, steps
 
 
+def tvm_backends_match_ort(bundle, atol: dict[str, float]) -> None:
+    """ort+tvm (every decode kernel from the bundle's library: no compile warning) and the
+    Relax backend give onnxruntime's greedy tokens, and its logits within atol[backend], on
+    a 30-token prompt + 60 tokens through the ring."""
+    import warnings
+
+    prompt = np.random.default_rng(0).integers(0, 90, 30).tolist()
+    want, ref = _run(bundle, "ort", prompt, 60)
+    for backend in ("ort+tvm", "tvm"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got, steps = _run(bundle, backend, prompt, 60)
+        assert got == want, backend
+        assert [t for t, _ in steps] == [t for t, _ in ref]
+        np.testing.assert_allclose(np.stack([x for _, x in steps]), np.stack([x for _, x in ref]), rtol=0,
+                                   atol=atol[backend], err_msg=backend)
+
+
 @pytest.mark.parametrize("bits,rotation,meta,residual", [
     (((4, 8), (2, 16)), "none", "fp16", "fp16"), (((5, 1), (1, 6)), "none", "fp16", "fp16"),
     (((3, 16), (2, 4)), "hadamard", "fp16", "fp16"), (((3, 16), (2, 4)), "hadamard", "u8", "fp16"),
