@@ -58,6 +58,28 @@ def shipped(args):
     return loaded, shape, ids, geometry, CachePolicy.uniform(shape.num_layers, 3, **geometry)
 
 
+def passkey_args(ap: argparse.ArgumentParser, what: str) -> None:
+    """--passkey-lengths / --passkey-depths for the caches `add_passkey` tests."""
+    ap.add_argument("--passkey-lengths", default="", help=f"also passkey for {what}, e.g. 768,1024")
+    ap.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
+
+
+def add_passkey(args, tokenizer, rows: list[dict], models) -> None:
+    """With args.passkey_lengths, each row whose model (an iterable beside `rows`, consumed
+    only then) is not None gains passkey_pct and passkey_trials."""
+    if not args.passkey_lengths:
+        return
+    from edgekv.quality.passkey import passkey
+
+    lengths = [int(x) for x in args.passkey_lengths.split(",")]
+    depths = [float(x) for x in args.passkey_depths.split(",")]
+    for row, model in zip(rows, models):
+        if model is not None:
+            trials = passkey(model, tokenizer, lengths, depths)
+            row["passkey_pct"] = 100.0 * sum(t.found for t in trials) / len(trials)
+            row["passkey_trials"] = len(trials)
+
+
 def uniform(base, target: float, sens):
     """`base` at the uniform widths of `target` (K3/V2 for 2.5), quantizing as `sens` was
     measured (its clip ratios and key rounding): the uniform row beside a calibrated one."""

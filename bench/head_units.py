@@ -16,8 +16,7 @@ from edgekv.reference.model import ReferenceModel
 
 def main() -> None:
     ap = _layouts.shipped_parser(__doc__, "bench/results/head-units-smollm2.json")
-    ap.add_argument("--passkey-lengths", default="", help="also passkey for the per-head caches, e.g. 768,1024")
-    ap.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
+    _layouts.passkey_args(ap, "the per-head caches")
     ap.set_defaults(bits="2,2.5,3,4", max_tokens=6144, sequences=2)
     args = ap.parse_args()
     loaded, shape, ids, geometry, base = _layouts.shipped(args)
@@ -36,16 +35,8 @@ def main() -> None:
                              "units": [[i, list(h)] for i, h in policy.units]}, policy))
             selections.append({"target": target, "layout": name, "selection": record["selection"]})
     rows, seconds = _layouts.score(loaded, shape, geometry, layouts, ids, args.sequences)
-    if args.passkey_lengths:
-        from edgekv.quality.passkey import passkey
-
-        lengths = [int(x) for x in args.passkey_lengths.split(",")]
-        depths = [float(x) for x in args.passkey_depths.split(",")]
-        for row, (fields, policy) in zip(rows, layouts):
-            if fields["layout"] == "per head":
-                trials = passkey(ReferenceModel(model, policy), tok, lengths, depths)
-                row["passkey_pct"] = 100.0 * sum(t.found for t in trials) / len(trials)
-                row["passkey_trials"] = len(trials)
+    _layouts.add_passkey(args, tok, rows, (ReferenceModel(model, p) if f["layout"] == "per head" else None
+                                           for f, p in layouts))
     print()
     _layouts.print_table(rows, (_layouts.TARGET, _layouts.LAYOUT, _layouts.column("chosen", "chosen"),
                                 _layouts.column("split layers", "split_layers", "d")))

@@ -58,8 +58,7 @@ def per_head(flat: tuple, heads: int) -> list[tuple]:
 
 def main() -> None:
     ap = _layouts.shipped_parser(__doc__, "bench/results/head-widths-smollm2.json")
-    ap.add_argument("--passkey-lengths", default="", help="also passkey for the per-head caches, e.g. 768,1024")
-    ap.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
+    _layouts.passkey_args(ap, "the per-head caches")
     ap.set_defaults(bits="2", max_tokens=6144, sequences=2)
     args = ap.parse_args()
     loaded, shape, ids, geometry, base = _layouts.shipped(args)
@@ -98,16 +97,7 @@ def main() -> None:
     fp16 = ReferenceModel(model, base.fp16_equivalent())
     scores = divergences(fp16, [m for _, m in layouts], ids, sequences=args.sequences)
     rows = [{**fields, "kl": s.kl, "delta_pct": s.delta_pct} for (fields, _), s in zip(layouts, scores)]
-    if args.passkey_lengths:
-        from edgekv.quality.passkey import passkey
-
-        lengths = [int(x) for x in args.passkey_lengths.split(",")]
-        depths = [float(x) for x in args.passkey_depths.split(",")]
-        for row, (fields, m) in zip(rows, layouts):
-            if fields["layout"].startswith("per head"):
-                trials = passkey(m, tok, lengths, depths)
-                row["passkey_pct"] = 100.0 * sum(t.found for t in trials) / len(trials)
-                row["passkey_trials"] = len(trials)
+    _layouts.add_passkey(args, tok, rows, (m if f["layout"].startswith("per head") else None for f, m in layouts))
     print("\n| average code bits | layout | KL vs fp16 | Δppl |\n|---:|---|---:|---:|")
     for r in rows:
         passkey = f", passkey {r['passkey_pct']:.0f} % of {r['passkey_trials']}" if "passkey_pct" in r else ""
