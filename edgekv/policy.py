@@ -196,10 +196,6 @@ class CachePolicy:
         """The KV heads (of its layer) a unit holds."""
         return self.units[unit][1] if self.units else tuple(range(num_kv_heads))
 
-    def unit_shape(self, shape: KVShape, unit: int) -> KVShape:
-        """The model's cache shape as one unit sees it (its own head count)."""
-        return KVShape(shape.num_layers, len(self.unit_heads(unit, shape.num_kv_heads)), shape.head_dim)
-
     @classmethod
     def from_heads(cls, bits_k: list, bits_v: list, groups_v: list | None = None, **kw) -> "CachePolicy":
         """A policy from widths per layer and KV head (`bits_k[layer][head]`, value groups
