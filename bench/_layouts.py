@@ -102,6 +102,7 @@ def score(loaded, shape, geometry: dict, layouts: list[tuple[dict, object]], ids
     t0 = time.perf_counter()
     scores = divergences(fp16, [ReferenceModel(loaded.model, p) for _, p in layouts], ids, sequences=sequences)
     rows = [{**fields, "kl": d.kl, "ppl": d.ppl_test, "reference_ppl": d.ppl_reference, "delta_pct": d.delta_pct,
+             "delta_pct_se": d.delta_pct_se, "block_delta_nll": d.block_delta_nll, "block_tokens": d.block_tokens,
              "bits_per_element": p.bits_per_element(shape), "fp16_ratio": p.fp16_ratio(shape),
              "bits_k": list(p.bits_k), "bits_v": list(p.bits_v), "clip": [list(c) for c in p.clip]}
             for (fields, p), d in zip(layouts, scores)]

@@ -1,25 +1,28 @@
-"""Time of one decode.onnx step per bundle on the onnxruntime backend, interleaved: each
+"""Time of one decode step per bundle on the onnxruntime backend (or `--backend ort+tvm`,
+whose attention runs the bundle's compiled kernels), interleaved: each
 bundle's Engine is loaded once (1 thread), then rounds of 10 decode steps alternate between
 the bundles so that load on a shared machine hits all alike; the median of rounds 3-12 and
 the ratio to the first bundle. The step's arithmetic does not depend on the cache
 contents (every slot is computed, the mask only hides), so the cache stays as loaded.
 Compare graphs by exporting the same model at two commits.
 
-    .venv/bin/python bench/decode_step_speed.py BUNDLE BUNDLE [...]
+    .venv/bin/python bench/decode_step_speed.py [--backend ort+tvm] BUNDLE BUNDLE [...]
 """
 
-import sys
+import argparse
 import time
 
 import numpy as np
 
 
 def main() -> None:
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundles", nargs="+")
+    ap.add_argument("--backend", default="ort", choices=["ort", "ort+tvm"])
+    args = ap.parse_args()
     from edgekv.runtime import Engine
 
-    engines = {path: Engine.load(path, backend="ort", threads=1) for path in sys.argv[1:]}
+    engines = {path: Engine.load(path, backend=args.backend, threads=1) for path in args.bundles}
     for eng in engines.values():
         eng.state.prepare(1)
     times: dict[str, list[float]] = {path: [] for path in engines}

@@ -1,7 +1,7 @@
 """How much of a Δppl is the luck of the text: Δppl ± standard error for every quantized row
 of one or more `edgekv eval --json` results, per sequence subset, and the paired difference
-between two results' rows of the same width (scored on the same blocks against the same fp16
-cache, so the text's shared luck cancels).
+between two results' rows in order, the i-th quantized row of each (scored on the same
+blocks against the same fp16 cache, so the text's shared luck cancels).
 
     python bench/delta_error.py A.json [B.json] [--first-sequences N]
 
@@ -48,10 +48,12 @@ def main() -> None:
                   f"{row['kl']:.4f})")
     if len(loaded) == 2:
         (_, a_rows), (_, b_rows) = loaded
-        print("paired: first minus second")
-        for bits in sorted(set(a_rows) & set(b_rows)):
-            x, y = a_rows[bits], b_rows[bits]
-            print(f"  {bits:g} bits: {x['delta_pct'] - y['delta_pct']:+.2f} ± {paired_se_pct(x, y):.2f} points")
+        print("paired: first minus second (the i-th quantized row of each, in order)")
+        # Rows pair by order, not by average_bits: layouts of one nominal width store
+        # slightly different averages (value groups, per-head widths).
+        for x, y in zip((a_rows[b] for b in sorted(a_rows)), (b_rows[b] for b in sorted(b_rows))):
+            print(f"  {x['setting']} minus {y['setting']}: {x['delta_pct'] - y['delta_pct']:+.2f} "
+                  f"± {paired_se_pct(x, y):.2f} points (KL {x['kl']:.4f} vs {y['kl']:.4f})")
 
 
 if __name__ == "__main__":
