@@ -2,7 +2,6 @@
 layer's units side by side, pack.onnx on a unit's padded residual, the manifest, the
 onnxruntime runtime against the reference, and the TVM backends against onnxruntime."""
 
-
 import numpy as np
 import pytest
 
